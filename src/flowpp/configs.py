@@ -1,0 +1,226 @@
+"""Named, frozen model-and-training configurations.
+
+Each config is plain data: the architecture (as a layout of stages that reads like the
+paper's table), the conditioner sizes and the official training recipe. ``get_config(name)``
+returns one; ``dataclasses.replace`` derives variants; ``to_dict``/``from_dict`` round-trip it
+through JSON for run directories and checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FlowConfig", "get_config", "list_configs", "register_config", "parse_stage"]
+
+_STAGE = re.compile(r"^(stripe|channel) x(\d+)$|^squeeze$")
+
+
+def parse_stage(token: str) -> tuple[str, int]:
+    """'stripe x4' -> ('stripe', 4); 'squeeze' -> ('squeeze', 0)."""
+    m = _STAGE.match(token.strip())
+    if not m:
+        raise ValueError(f"bad layout stage {token!r}: expected 'stripe xN', 'channel xN' or 'squeeze'")
+    return ("squeeze", 0) if m.group(1) is None else (m.group(1), int(m.group(2)))
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    name: str
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_levels: int = 256
+
+    # Main flow. Every coupling step is [Norm, (Pointwise), coupling, swap halves].
+    layout: tuple[str, ...] = ("stripe x4", "squeeze", "channel x2", "stripe x3")
+    filters: int = 96
+    blocks: int = 10
+    components: int = 32
+    heads: int = 4
+    coupling: str = "mixture"  # "mixture" | "affine"
+    mixer: str = "attention"  # "attention" | "pointwise" (no-attention ablation) | "none"
+    pointwise: bool = True
+    weight_norm: bool = False
+    layer_norm: bool = True
+    final_concat_elu: bool = False
+    dropout: float = 0.0
+    mixture_float64: bool = False
+
+    # Dequantizer q(u|x).
+    dequantizer: str = "variational"  # "variational" | "uniform"
+    dequant_layout: tuple[str, ...] = ("stripe x4",)
+    dequant_filters: int = 96
+    dequant_blocks: int = 2
+    dequant_components: int = 32
+    dequant_mixer: str = "attention"
+    dequant_frozen_pos_emb: bool = False
+    context_channels: int = 32
+    context_blocks: int = 3
+    context_mixer: str = "none"
+    context_layer_norm: bool = False
+
+    # Training recipe.
+    batch_size: int = 64
+    init_batch_size: int = 128
+    lr: float = 3e-4
+    warmup_steps: int = 2000
+    lr_schedule: str = "constant"  # "constant" | "imagenet32" | "imagenet64" | "cosine"
+    min_lr: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        c, h, w = self.image_shape
+        if min(c, h, w) < 1 or self.num_levels < 2:
+            raise ValueError(f"config {self.name!r}: bad image_shape {self.image_shape} or num_levels {self.num_levels}")
+        for token in self.layout + self.dequant_layout:
+            parse_stage(token)
+        if any(parse_stage(t)[0] != "stripe" for t in self.dequant_layout):
+            raise ValueError(f"config {self.name!r}: the dequantizer layout may only use stripe stages")
+        for key, allowed in (("coupling", ("mixture", "affine")), ("dequantizer", ("variational", "uniform")),
+                             ("mixer", ("attention", "pointwise", "none")),
+                             ("dequant_mixer", ("attention", "pointwise", "none")),
+                             ("context_mixer", ("attention", "pointwise", "none")),
+                             ("lr_schedule", ("constant", "imagenet32", "imagenet64", "cosine"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config {self.name!r}: {key}={getattr(self, key)!r}, expected one of {allowed}")
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlowConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        d = dict(d)
+        for key in ("image_shape", "layout", "dequant_layout", "adam_betas"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def replace(self, **changes) -> "FlowConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_CONFIGS: dict[str, FlowConfig] = {}
+
+
+def register_config(config: FlowConfig) -> FlowConfig:
+    _CONFIGS[config.name] = config
+    return config
+
+
+def get_config(name: str) -> FlowConfig:
+    try:
+        return _CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(list_configs())}") from None
+
+
+def list_configs() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+# --- The paper's models (official parameter counts in the notes; tests check them) --------------
+
+CIFAR10 = register_config(FlowConfig(
+    name="cifar10", image_shape=(3, 32, 32),
+    layout=("stripe x4", "squeeze", "channel x2", "stripe x3"),
+    filters=96, blocks=10, components=32, dropout=0.2, pointwise=True,
+    dequant_layout=("stripe x4",), dequant_filters=96, dequant_blocks=2, dequant_components=32,
+    context_blocks=3, context_mixer="none", context_layer_norm=False,
+    batch_size=64, init_batch_size=128, lr=3e-4, warmup_steps=2000, ema_decay=0.999,
+    notes="official CIFAR-10 model, 31,443,440 parameters; 3.08 bits/dim (IW, S=4096)",
+))
+
+register_config(CIFAR10.replace(
+    name="cifar10-uniform-dequant", filters=104, dequantizer="uniform",
+    notes="ablation: uniform dequantization, conditioner widened to 104 filters (32,324,408 parameters)",
+))
+register_config(CIFAR10.replace(
+    name="cifar10-affine", filters=108, dequant_filters=108, coupling="affine",
+    notes="ablation: affine couplings instead of mixture CDF, 108 filters (32,045,708 parameters)",
+))
+register_config(CIFAR10.replace(
+    name="cifar10-no-attention", mixer="pointwise", dequant_mixer="pointwise",
+    notes="ablation: a same-size pointwise gated layer instead of attention (31,443,440 parameters)",
+))
+
+register_config(FlowConfig(
+    name="imagenet32", image_shape=(3, 32, 32),
+    # The official code lists the first 7 stripe couplings as two groups of 4 and 3.
+    layout=("stripe x4", "stripe x3", "squeeze", "channel x3", "stripe x3"),
+    filters=128, blocks=20, components=32, dropout=0.0, pointwise=False, weight_norm=True,
+    final_concat_elu=True, mixture_float64=True,
+    dequant_layout=("stripe x4", "stripe x4"), dequant_filters=128, dequant_blocks=8, dequant_components=32,
+    context_blocks=8, context_mixer="attention", context_layer_norm=True,
+    batch_size=32, init_batch_size=32, lr=1e-3, warmup_steps=5000, lr_schedule="imagenet32", min_lr=3e-4,
+    ema_decay=0.999222,
+    notes="official ImageNet 32x32 model, 168,955,724 parameters; 3.86 bits/dim",
+))
+
+register_config(FlowConfig(
+    name="imagenet64", image_shape=(3, 64, 64),
+    layout=("squeeze", "stripe x4", "squeeze", "channel x2", "stripe x2", "squeeze", "channel x2", "stripe x2"),
+    filters=96, blocks=16, components=4, dropout=0.0, pointwise=False, final_concat_elu=True,
+    mixture_float64=True,
+    dequant_layout=("stripe x4",), dequant_filters=96, dequant_blocks=5, dequant_components=4,
+    dequant_mixer="none", dequant_frozen_pos_emb=True,
+    context_blocks=5, context_mixer="none", context_layer_norm=True,
+    batch_size=72, init_batch_size=72, lr=4e-4, warmup_steps=10000, lr_schedule="imagenet64", min_lr=1e-6,
+    ema_decay=0.999,
+    notes="official ImageNet 64x64 model, 73,489,960 parameters; 3.69 bits/dim",
+))
+
+# --- Small presets for CPUs and tests -----------------------------------------------------------
+
+register_config(FlowConfig(
+    name="tiny", image_shape=(3, 8, 8), num_levels=256,
+    layout=("stripe x2", "squeeze", "channel x2", "stripe x1"),
+    filters=8, blocks=1, components=4, heads=2, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=8, dequant_blocks=1, dequant_components=4,
+    context_channels=4, context_blocks=1,
+    batch_size=8, init_batch_size=16, lr=1e-3, warmup_steps=10, ema_decay=0.9,
+    notes="for tests only",
+))
+
+register_config(FlowConfig(
+    name="digits", image_shape=(1, 8, 8), num_levels=17,
+    layout=("stripe x4", "squeeze", "channel x2", "stripe x2"),
+    filters=32, blocks=2, components=8, heads=4, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=32, dequant_blocks=1, dequant_components=8,
+    context_channels=16, context_blocks=2,
+    batch_size=64, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.99,
+    notes="scikit-learn's 8x8 digits (17 levels), trains in minutes on a CPU",
+))
+
+register_config(FlowConfig(
+    name="mnist", image_shape=(1, 28, 28), num_levels=256,
+    layout=("stripe x4", "squeeze", "channel x2", "stripe x2"),
+    filters=48, blocks=2, components=8, heads=4, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=32, dequant_blocks=1, dequant_components=8,
+    context_channels=16, context_blocks=2,
+    batch_size=64, init_batch_size=256, lr=2e-3, warmup_steps=200, lr_schedule="cosine", ema_decay=0.995,
+    notes="any 28x28x1 data on a CPU",
+))
+
+register_config(FlowConfig(
+    name="cifar10-small", image_shape=(3, 32, 32), num_levels=256,
+    layout=("stripe x4", "squeeze", "channel x2", "stripe x2"),
+    filters=48, blocks=2, components=8, heads=4, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=32, dequant_blocks=1, dequant_components=8,
+    context_channels=16, context_blocks=2,
+    batch_size=32, init_batch_size=128, lr=2e-3, warmup_steps=200, lr_schedule="cosine", ema_decay=0.995,
+    notes="32x32x3 data on a CPU",
+))

@@ -1,0 +1,40 @@
+"""Dequantizers q(u|x): noise u in [0, 1)^D added to integer pixels, with log q(u|x)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .flows import Sequential
+
+__all__ = ["UniformDequantizer", "VariationalDequantizer"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class UniformDequantizer(nn.Module):
+    """u ~ U[0, 1)^D, log q(u|x) = 0."""
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return u, x.new_zeros(x.shape[0])
+
+
+class VariationalDequantizer(nn.Module):
+    """u = sigmoid(g_x(eps)), eps ~ N(0, I), g_x a coupling flow conditioned on x.
+
+    ``flow`` maps eps to u (its last layer is the sigmoid) and receives the context network's
+    output as ``context``; log q(u|x) = log N(eps) - log|det du/deps|.
+    """
+
+    def __init__(self, context_net: nn.Module, flow: Sequential):
+        super().__init__()
+        self.context_net = context_net
+        self.flow = flow
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        log_p_eps = (-0.5 * eps.square() - _HALF_LOG_2PI).flatten(1).sum(1)
+        u, logdet = self.flow(eps, self.context_net(x))
+        return u, log_p_eps - logdet
