@@ -1,0 +1,601 @@
+"""Safe readers for the file formats the datasets come in.
+
+Everything here reads untrusted bytes and must either return well-formed numpy
+arrays or raise :class:`DatasetError` naming the file.  The readers:
+
+* tar archives (read in place, never extracted; absolute paths, ``..``, links
+  and device/FIFO members refuse the whole archive),
+* CIFAR-10 python batches (pickles read by an unpickler that admits only the
+  numpy names an ndarray needs),
+* gzip and IDX (MNIST) files with full header validation,
+* ``.npy`` members of ``.npz`` zip files, header-checked before any allocation,
+  never unpickled,
+* PNG / JPEG images through Pillow with size and mode checks.
+
+All image arrays are ``uint8`` in NHWC (or HWC for one image) layout, pixel
+values in ``0..num_levels-1``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import pickle
+import re
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Callable, Collection, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import DatasetError
+
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "SafeTar",
+    "read_tar_stream",
+    "check_tar_member",
+    "tar_member_name",
+    "restricted_loads",
+    "cifar_batch_images",
+    "read_gzip",
+    "parse_idx_images",
+    "NpzReader",
+    "decode_image",
+    "probe_image",
+    "read_images",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Largest image (width * height) that is decoded.  Far above anything a flow
+#: model trains on; it stops decompression bombs before Pillow allocates.
+MAX_IMAGE_PIXELS = 1 << 26
+
+#: Largest single ``.npy`` array read from an ``.npz`` (bytes).  The largest real
+#: input (a Chrabaszcz et al. ImageNet64 training batch) is about 1.6 GB.
+MAX_NPY_BYTES = 8 << 30
+
+# Chunk size for streaming reads (bytes).
+_CHUNK = 1 << 22
+
+
+def _fail(source: object, what: str, cause: Optional[BaseException] = None) -> DatasetError:
+    """Build the DatasetError for `source` (a path or 'archive:member')."""
+    msg = f"{source}: {what}"
+    if cause is not None:
+        detail = str(cause) or type(cause).__name__
+        msg += f" ({type(cause).__name__}: {detail})"
+    err = DatasetError(msg)
+    err.__cause__ = cause
+    return err
+
+
+# ---------------------------------------------------------------------------
+# tar archives
+# ---------------------------------------------------------------------------
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def tar_member_name(name: str) -> str:
+    """Normalise a member name for lookups: '/' separators, no './' parts."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def check_tar_member(member: tarfile.TarInfo, archive: PathLike) -> None:
+    """Refuse a tar member that would be unsafe to extract or read.
+
+    Refused: absolute names (``/x``, ``C:x``, ``\\x``), any ``..`` component,
+    symbolic and hard links, and everything that is neither a regular file nor
+    a directory (character/block devices, FIFOs).  We never extract, but an
+    archive that carries such members is not one of the official archives, so
+    the whole archive is refused rather than silently skipping the member.
+    """
+    name = member.name
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or _DRIVE.match(norm):
+        raise _fail(archive, f"refusing tar member {name!r}: absolute path")
+    if ".." in norm.split("/"):
+        raise _fail(archive, f"refusing tar member {name!r}: '..' path component (path traversal)")
+    if member.issym() or member.islnk():
+        raise _fail(archive, f"refusing tar member {name!r}: it is a link (to {member.linkname!r})")
+    if not (member.isreg() or member.isdir()):
+        raise _fail(archive, f"refusing tar member {name!r}: not a regular file or directory "
+                             "(device, FIFO or other special file)")
+
+
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError,
+               UnicodeError, MemoryError, __import__("zlib").error)
+
+
+def read_tar_stream(path: PathLike, wanted: Collection[str], max_member_bytes: int) -> dict:
+    """Read the members named in `wanted` from a (possibly compressed) tar in one pass.
+
+    Streams the archive (``tarfile`` mode ``'r|*'``), so a ``.tar.gz`` is
+    decompressed exactly once.  Every member is checked with
+    :func:`check_tar_member`, including those not wanted.  Names are compared
+    after :func:`tar_member_name` normalisation.  Returns ``{name: bytes}`` for
+    the wanted members found; a wanted member that appears twice is refused.
+    Missing members are simply absent from the result (the caller names them).
+    """
+    wanted = {tar_member_name(w) for w in wanted}
+    found: dict = {}
+    try:
+        with tarfile.open(os.fspath(path), mode="r|*") as tar:
+            for member in tar:
+                check_tar_member(member, path)
+                key = tar_member_name(member.name)
+                if key not in wanted or not member.isreg():
+                    continue
+                if key in found:
+                    raise _fail(path, f"tar member {member.name!r} appears twice")
+                if member.size > max_member_bytes:
+                    raise _fail(path, f"tar member {member.name!r} is {member.size} bytes, "
+                                      f"more than the {max_member_bytes} expected at most")
+                fobj = tar.extractfile(member)
+                data = fobj.read() if fobj is not None else b""
+                if len(data) != member.size:
+                    raise _fail(path, f"tar member {member.name!r} is truncated "
+                                      f"({len(data)} of {member.size} bytes)")
+                found[key] = data
+    except DatasetError:
+        raise
+    except _TAR_ERRORS as exc:
+        raise _fail(path, "cannot read the tar archive: it is truncated or corrupted; "
+                          "delete it and fetch it again", exc) from exc
+    return found
+
+
+class SafeTar:
+    """An uncompressed or compressed tar opened for random access to its files.
+
+    Opening scans every header (cheap for an uncompressed tar: it only seeks)
+    and checks each member with :func:`check_tar_member`.  ``files`` maps the
+    normalised name of each regular file to its ``TarInfo``.  Use as a context
+    manager; :meth:`read` returns a member's bytes.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = path
+        self._tar = None
+        try:
+            self._tar = tarfile.open(os.fspath(path), mode="r:*")
+            self.files: dict = {}
+            for member in self._tar:
+                check_tar_member(member, path)
+                if member.isreg():
+                    key = tar_member_name(member.name)
+                    if key in self.files:
+                        raise _fail(path, f"tar member {member.name!r} appears twice")
+                    self.files[key] = member
+            # tarfile keeps its own list of every member; we hold ours.
+        except DatasetError:
+            self.close()
+            raise
+        except _TAR_ERRORS as exc:
+            self.close()
+            raise _fail(path, "cannot read the tar archive: it is truncated or corrupted", exc) from exc
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        """Return the bytes of regular-file member `key` (at most `max_bytes`)."""
+        member = self.files[key]
+        if member.size > max_bytes:
+            raise _fail(self.path, f"tar member {member.name!r} is {member.size} bytes, "
+                                   f"more than the {max_bytes} expected at most")
+        try:
+            fobj = self._tar.extractfile(member)
+            data = fobj.read() if fobj is not None else b""
+        except _TAR_ERRORS as exc:
+            raise _fail(self.path, f"cannot read tar member {member.name!r}", exc) from exc
+        if len(data) != member.size:
+            raise _fail(self.path, f"tar member {member.name!r} is truncated "
+                                   f"({len(data)} of {member.size} bytes)")
+        return data
+
+    def close(self) -> None:
+        if self._tar is not None:
+            try:
+                self._tar.close()
+            except _TAR_ERRORS:
+                pass
+            self._tar = None
+
+    def __enter__(self) -> "SafeTar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10 python batches: restricted unpickling
+# ---------------------------------------------------------------------------
+
+# The function ndarray.__reduce__ names (numpy.core.multiarray._reconstruct in
+# numpy 1, numpy._core.multiarray._reconstruct in numpy 2), taken from numpy
+# itself so that no deprecated module has to be imported.
+_np_reconstruct = np.zeros(0).__reduce__()[0]
+
+
+def _safe_reconstruct(subtype, shape, typecode):
+    # ndarray.__reduce__ always emits _reconstruct(ndarray, (0,), b'b'): an
+    # empty array whose real shape, dtype and bytes arrive by __setstate__.
+    # Anything else (subclasses, large preallocations) is not a numpy array
+    # pickle and is refused.
+    if subtype is not np.ndarray or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+        raise pickle.UnpicklingError("unexpected arguments to numpy _reconstruct")
+    return _np_reconstruct(np.ndarray, (0,), b"b")
+
+
+# Simple numeric dtype codes a batch array could have been saved with.
+_SIMPLE_DTYPES = {"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"}
+
+
+def _safe_dtype(spec, align=False, copy=False):
+    if isinstance(spec, bytes):
+        spec = spec.decode("ascii", "replace")
+    if not isinstance(spec, str) or spec not in _SIMPLE_DTYPES:
+        raise pickle.UnpicklingError(f"refusing numpy dtype {spec!r}")
+    return np.dtype(spec, bool(align), bool(copy))
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10 batches that admits only numpy array pickles.
+
+    The real batches are protocol-2 pickles (written by Python 2) of a dict
+    with str keys, a str, a list of ints, a list of str and one numpy array.
+    Plain containers, strings and numbers need no global; a numpy array needs
+    exactly ``_reconstruct``, ``ndarray`` and ``dtype``.  Every other global
+    (``os.system``, ``builtins.eval``, ``_codecs.encode`` ...) is refused
+    before it is looked up, so nothing it names can run.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _safe_dtype,
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self._ALLOWED[(module, name)]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only "
+                "dicts, lists, strings, numbers and numpy arrays") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing persistent id in pickle")
+
+
+def restricted_loads(data: bytes, source: PathLike):
+    """Unpickle `data` with :class:`_BatchUnpickler`.
+
+    Python-2 strings become ``bytes`` (``encoding='bytes'``, as the CIFAR-10
+    page prescribes), so dict keys are ``b'data'`` etc.  Any failure (including
+    a refused global) is a DatasetError naming `source`.
+    """
+    try:
+        return _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - hostile bytes raise anything
+        raise _fail(source, "not a valid CIFAR-10 python batch (refused or broken pickle)", exc) from exc
+
+
+def cifar_batch_images(data: bytes, source: PathLike) -> np.ndarray:
+    """Decode one CIFAR-10 python batch file to images.
+
+    `data` is the pickled dict; its ``b'data'`` entry is a ``uint8`` array of
+    shape ``(n, 3072)``, each row 1024 red, 1024 green, 1024 blue values of a
+    32x32 image in row-major order.  Returns ``(n, 32, 32, 3)`` uint8 (HWC).
+    """
+    batch = restricted_loads(data, source)
+    if not isinstance(batch, dict):
+        raise _fail(source, f"expected a pickled dict, found {type(batch).__name__}")
+    arr = None
+    for key, value in batch.items():
+        if key in (b"data", "data"):
+            arr = value
+    if arr is None:
+        raise _fail(source, "the batch dict has no 'data' entry")
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != 3072:
+        desc = (f"{arr.dtype} array of shape {arr.shape}" if isinstance(arr, np.ndarray)
+                else type(arr).__name__)
+        raise _fail(source, f"'data' must be a uint8 array of shape (n, 3072), found {desc}")
+    if arr.shape[0] == 0:
+        raise _fail(source, "'data' holds no images")
+    # CHW-flat rows -> NHWC, as a fresh contiguous array.
+    return np.ascontiguousarray(arr.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+# ---------------------------------------------------------------------------
+# gzip and IDX
+# ---------------------------------------------------------------------------
+
+def read_gzip(path: PathLike, max_bytes: int) -> bytes:
+    """Return the decompressed contents of gzip file `path`.
+
+    Refuses (DatasetError) a file that is not gzip, is truncated, fails its CRC
+    or decompresses to more than `max_bytes` (a gzip bomb).
+    """
+    try:
+        with gzip.open(os.fspath(path), "rb") as f:
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise _fail(path, f"decompresses to more than {max_bytes} bytes; not the expected file")
+            # Reading to the end makes gzip check the CRC and length trailer
+            # (and notice concatenated junk members).
+            if f.read(1):
+                raise _fail(path, f"decompresses to more than {max_bytes} bytes; not the expected file")
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, EOFError, zlib.error, ...
+        raise _fail(path, "cannot decompress: not a gzip file, truncated or corrupted; "
+                          "delete it and fetch it again", exc) from exc
+    return data
+
+
+_IDX_UBYTE_3D = 0x00000803
+
+
+def parse_idx_images(data: bytes, source: PathLike,
+                     expect_hw: Optional[tuple] = None) -> np.ndarray:
+    """Parse an IDX3 unsigned-byte image file (the MNIST format).
+
+    Layout: big-endian uint32 magic ``0x00000803`` (two zero bytes, type 0x08 =
+    unsigned byte, 3 dimensions), then uint32 N, rows, cols, then exactly
+    N*rows*cols pixel bytes.  Returns ``(N, rows, cols, 1)`` uint8.
+    """
+    if len(data) < 16:
+        raise _fail(source, f"too short for an IDX header ({len(data)} bytes)")
+    magic, n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in range(0, 16, 4))
+    if magic != _IDX_UBYTE_3D:
+        raise _fail(source, f"bad IDX magic number 0x{magic:08x}; expected 0x{_IDX_UBYTE_3D:08x} "
+                            "(unsigned-byte 3-D image file)")
+    if n == 0 or rows == 0 or cols == 0:
+        raise _fail(source, f"IDX header declares an empty array ({n} x {rows} x {cols})")
+    if expect_hw is not None and (rows, cols) != tuple(expect_hw):
+        raise _fail(source, f"images are {rows}x{cols}, expected {expect_hw[0]}x{expect_hw[1]}")
+    expected = 16 + n * rows * cols
+    if len(data) != expected:
+        raise _fail(source, f"IDX header declares {n} images of {rows}x{cols} ({expected} bytes) "
+                            f"but the file holds {len(data)} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols, 1).copy()
+
+
+# ---------------------------------------------------------------------------
+# npz (zip of .npy), read without pickle
+# ---------------------------------------------------------------------------
+
+class NpzReader:
+    """Read arrays from an ``.npz`` without unpickling and without trusting it.
+
+    Each ``.npy`` header is parsed first; object dtypes are refused and the
+    declared size must fit in the zip member before any memory is allocated.
+    Use as a context manager.  ``keys`` lists the array names in file order.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = path
+        self._zip = None
+        try:
+            self._zip = zipfile.ZipFile(os.fspath(path))
+            self._members = {}
+            for info in self._zip.infolist():
+                if info.filename.endswith(".npy") and not info.is_dir():
+                    key = info.filename[:-4]
+                    if key in self._members:
+                        raise _fail(path, f"array {key!r} appears twice")
+                    self._members[key] = info
+        except DatasetError:
+            self.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - BadZipFile, OSError, ValueError, ...
+            self.close()
+            raise _fail(path, "cannot open the .npz: not a zip file, truncated or corrupted", exc) from exc
+
+    @property
+    def keys(self) -> list:
+        return list(self._members)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._members
+
+    def _header(self, fp, key: str):
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise _fail(f"{self.path}[{key}]", f"unsupported .npy format version {version}")
+        return tuple(int(s) for s in shape), bool(fortran), dtype
+
+    def info(self, key: str) -> tuple:
+        """Return ``(shape, dtype)`` of array `key` from its header only."""
+        shape, _, dtype, _ = self._open_checked(key, read=False)
+        return shape, dtype
+
+    def read(self, key: str) -> np.ndarray:
+        """Return array `key` (a fresh, writable numpy array)."""
+        return self._open_checked(key, read=True)[3]
+
+    def _open_checked(self, key: str, read: bool):
+        if key not in self._members:
+            raise _fail(self.path, f"has no array {key!r} (arrays: {', '.join(self.keys) or 'none'})")
+        info = self._members[key]
+        source = f"{self.path}[{key}]"
+        try:
+            with self._zip.open(info) as fp:
+                shape, fortran, dtype = self._header(fp, key)
+                if dtype.hasobject:
+                    raise _fail(source, "holds Python objects (object dtype); refusing to unpickle. "
+                                        "Save plain numeric arrays (np.savez with uint8 arrays)")
+                count = math.prod(shape)
+                nbytes = count * dtype.itemsize
+                if nbytes > info.file_size or nbytes > MAX_NPY_BYTES:
+                    raise _fail(source, f"header declares {shape} {dtype} ({nbytes} bytes) "
+                                        f"but the member holds {info.file_size} bytes")
+                if not read:
+                    return shape, fortran, dtype, None
+                # Fill the array in place (no second copy of the data).
+                target = np.empty(shape[::-1] if fortran else shape, dtype=dtype)
+                view = memoryview(target.reshape(-1).view(np.uint8)) if nbytes else memoryview(b"")
+                pos = 0
+                while pos < nbytes:
+                    chunk = fp.read(min(_CHUNK, nbytes - pos))
+                    if not chunk:
+                        raise _fail(source, f"array data is truncated ({pos} of {nbytes} bytes)")
+                    view[pos:pos + len(chunk)] = chunk
+                    pos += len(chunk)
+                # Read to the end so that zipfile checks the member's CRC.
+                while fp.read(_CHUNK):
+                    pass
+        except DatasetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC), zlib.error, ValueError, ...
+            raise _fail(source, "cannot read the array: the .npz is truncated or corrupted", exc) from exc
+        arr = target.T if fortran else target
+        return shape, fortran, dtype, arr
+
+    def close(self) -> None:
+        if self._zip is not None:
+            try:
+                self._zip.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._zip = None
+
+    def __enter__(self) -> "NpzReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# PNG / JPEG through Pillow
+# ---------------------------------------------------------------------------
+
+def _pil():
+    from PIL import Image
+    return Image
+
+
+def probe_image(src: Union[PathLike, bytes], source: PathLike,
+                formats: Sequence[str] = ("PNG",)) -> tuple:
+    """Return ``(width, height, mode)`` of an image from its header only."""
+    Image = _pil()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
+            with Image.open(fobj, formats=list(formats)) as im:
+                return im.size[0], im.size[1], im.mode
+    except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
+        names = "/".join(formats)
+        raise _fail(source, f"cannot read as {names} image: not an image or corrupted", exc) from exc
+
+
+def decode_image(src: Union[PathLike, bytes], source: PathLike, *,
+                 formats: Sequence[str] = ("PNG",),
+                 modes: Collection[str] = ("L", "RGB"),
+                 expect_size: Optional[tuple] = None,
+                 gray_to_rgb: bool = False) -> np.ndarray:
+    """Decode one image to ``(H, W, C)`` uint8 (C = 1 for mode L, 3 for RGB).
+
+    `src` is a path or the file's bytes; `source` names it in errors.  Only
+    the Pillow `formats` listed are tried; the image's mode must be in
+    `modes`; with `expect_size` = ``(width, height)`` other sizes are refused.
+    With `gray_to_rgb`, an L image is returned as 3 equal channels.  The size
+    is checked from the header before decoding (decompression bombs).
+    """
+    Image = _pil()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
+            with Image.open(fobj, formats=list(formats)) as im:
+                w, h = im.size
+                if expect_size is not None and (w, h) != tuple(expect_size):
+                    raise _fail(source, f"image is {w}x{h}, expected {expect_size[0]}x{expect_size[1]}")
+                if w * h > MAX_IMAGE_PIXELS or w <= 0 or h <= 0:
+                    raise _fail(source, f"image size {w}x{h} is out of range")
+                if im.mode not in modes:
+                    raise _fail(source, f"image mode {im.mode!r} is not supported (expected "
+                                        f"{' or '.join(sorted(modes))}); convert it first, "
+                                        "e.g. PIL Image.convert('RGB')")
+                im.load()
+                arr = np.asarray(im, dtype=np.uint8)
+                mode = im.mode
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, zlib.error, ...
+        names = "/".join(formats)
+        raise _fail(source, f"cannot decode as {names} image: not an image, truncated or corrupted",
+                    exc) from exc
+    if mode == "L":
+        arr = arr[:, :, None]
+        if gray_to_rgb:
+            arr = np.repeat(arr, 3, axis=2)
+    if arr.shape[:2] != (h, w) or arr.ndim != 3:
+        raise _fail(source, f"decoded to an unexpected array shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_images(paths: Iterable[PathLike], log: Optional[Callable[[str], object]] = None) -> list:
+    """Read images from PNG/JPEG files and ``.npz`` arrays.
+
+    Each PNG or JPEG (mode L or RGB) gives ``(basename, array)`` with the array
+    ``(H, W, C)`` uint8, C = 1 for grayscale, 3 for RGB.  An ``.npz`` gives one
+    entry per image of its first uint8 array that is 4-D ``(N, H, W, C)`` or
+    3-D ``(N, H, W)`` (a channel axis of 1 is added), named ``"file.npz[i]"``.
+    Order is the order of `paths`, then of images in each file.  Any problem
+    (missing file, directory, other format or mode, broken file, npz without
+    such an array) is a DatasetError naming the file.
+    """
+    out: list = []
+    for p in paths:
+        path = Path(os.fspath(p))
+        if not path.exists():
+            raise DatasetError(f"{path}: no such file")
+        if path.is_dir():
+            raise DatasetError(f"{path}: is a directory; pass image or .npz files")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            with NpzReader(path) as npz:
+                chosen = None
+                for key in npz.keys:
+                    shape, dtype = npz.info(key)
+                    if dtype == np.uint8 and len(shape) in (3, 4) and shape[0] > 0:
+                        chosen = key
+                        break
+                if chosen is None:
+                    raise DatasetError(f"{path}: has no uint8 array of shape (N,H,W,C) or (N,H,W) "
+                                       f"(arrays: {', '.join(npz.keys) or 'none'})")
+                arr = npz.read(chosen)
+            if arr.ndim == 3:
+                arr = arr[..., None]
+            arr = np.ascontiguousarray(arr)
+            out.extend((f"{path.name}[{i}]", arr[i]) for i in range(arr.shape[0]))
+            if log is not None:
+                log(f"read {arr.shape[0]} images {arr.shape[1]}x{arr.shape[2]}x{arr.shape[3]} "
+                    f"from {path} (array {chosen!r})")
+        elif suffix in _IMAGE_SUFFIXES:
+            arr = decode_image(path, path, formats=("PNG", "JPEG"))
+            out.append((path.name, arr))
+            if log is not None:
+                log(f"read {path} ({arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]})")
+        else:
+            raise DatasetError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
+                               "expected .png, .jpg, .jpeg or .npz")
+    return out
