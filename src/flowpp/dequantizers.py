@@ -16,8 +16,13 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 class UniformDequantizer(nn.Module):
     """u ~ U[0, 1)^D, log q(u|x) = 0."""
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    @staticmethod
+    def sample_noise(shape, generator=None, device=None, dtype=None) -> Tensor:
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u = self.sample_noise(x.shape, generator, x.device, x.dtype) if noise is None else noise.to(x.dtype)
         return u, x.new_zeros(x.shape[0])
 
 
@@ -33,8 +38,14 @@ class VariationalDequantizer(nn.Module):
         self.context_net = context_net
         self.flow = flow
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    @staticmethod
+    def sample_noise(shape, generator=None, device=None, dtype=None) -> Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``noise``: the Gaussian eps to transform (drawn here when None)."""
+        eps = self.sample_noise(x.shape, generator, x.device, x.dtype) if noise is None else noise.to(x.dtype)
         log_p_eps = (-0.5 * eps.square() - _HALF_LOG_2PI).flatten(1).sum(1)
         u, logdet = self.flow(eps, self.context_net(x))
         return u, log_p_eps - logdet

@@ -149,14 +149,24 @@ class FlowPlusPlus(nn.Module):
     def prior_log_prob(self, z: Tensor) -> Tensor:
         return (-0.5 * z.square() - _HALF_LOG_2PI).flatten(1).sum(1)
 
-    def log_prob(self, x: Tensor, *, check: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """(B,) lower bound on log P(x) in nats with one dequantization sample per image."""
+    def log_prob(self, x: Tensor, *, check: bool = True, generator: torch.Generator | None = None,
+                 noise: Tensor | None = None) -> Tensor:
+        """(B,) lower bound on log P(x) in nats with one dequantization sample per image.
+
+        ``noise`` optionally fixes the dequantizer's input noise (shape of x; Gaussian for the
+        variational dequantizer, uniform for the uniform one); otherwise it is drawn with
+        ``generator``.
+        """
         if check:
             self.check_images(x)
         xf = self._float(x)
-        u, log_q = self.dequantizer(xf, generator=generator)
+        u, log_q = self.dequantizer(xf, generator=generator, noise=noise)
         z, logdet = self.flow(xf + u)
         return self.prior_log_prob(z) + logdet - log_q
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        """Same as :meth:`log_prob` (so that wrappers such as DDP can call the model)."""
+        return self.log_prob(x, **kwargs)
 
     def bits_per_dim(self, x: Tensor, **kwargs) -> Tensor:
         """(B,) -log_prob / (D ln 2)."""
