@@ -110,6 +110,40 @@ def check_tar_member(member: tarfile.TarInfo, archive: PathLike) -> None:
                              "(device, FIFO or other special file)")
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """TarInfo that remembers why header reading stopped.
+
+    ``tarfile`` silently treats a truncated, missing or corrupted header after
+    the first member as the end of the archive.  Recording the reason lets
+    :func:`_check_tar_end` tell a proper end-of-archive block (all zeros) from
+    a truncated or damaged archive.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_obj):
+        try:
+            return super().fromtarfile(tarfile_obj)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError,
+                tarfile.EmptyHeaderError) as exc:
+            tarfile_obj._flowpp_stop = (tarfile_obj.offset, exc)
+            raise
+
+
+def _check_tar_end(tar: tarfile.TarFile, path: PathLike) -> None:
+    stop = getattr(tar, "_flowpp_stop", None)
+    if stop is None:
+        return
+    offset, exc = stop
+    if isinstance(exc, tarfile.EmptyHeaderError):
+        what = "it ends without the end-of-archive marker (truncated)"
+    elif isinstance(exc, tarfile.TruncatedHeaderError):
+        what = "it ends inside a member header (truncated)"
+    else:
+        what = "a member header is corrupted (bad checksum)"
+    raise _fail(path, f"cannot read the tar archive: {what} at byte {offset}; "
+                      "delete it and fetch it again")
+
+
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError,
                UnicodeError, MemoryError, __import__("zlib").error)
 
@@ -127,7 +161,7 @@ def read_tar_stream(path: PathLike, wanted: Collection[str], max_member_bytes: i
     wanted = {tar_member_name(w) for w in wanted}
     found: dict = {}
     try:
-        with tarfile.open(os.fspath(path), mode="r|*") as tar:
+        with tarfile.open(os.fspath(path), mode="r|*", tarinfo=_CheckedTarInfo) as tar:
             for member in tar:
                 check_tar_member(member, path)
                 key = tar_member_name(member.name)
@@ -144,6 +178,7 @@ def read_tar_stream(path: PathLike, wanted: Collection[str], max_member_bytes: i
                     raise _fail(path, f"tar member {member.name!r} is truncated "
                                       f"({len(data)} of {member.size} bytes)")
                 found[key] = data
+            _check_tar_end(tar, path)
     except DatasetError:
         raise
     except _TAR_ERRORS as exc:
@@ -165,7 +200,7 @@ class SafeTar:
         self.path = path
         self._tar = None
         try:
-            self._tar = tarfile.open(os.fspath(path), mode="r:*")
+            self._tar = tarfile.open(os.fspath(path), mode="r:*", tarinfo=_CheckedTarInfo)
             self.files: dict = {}
             for member in self._tar:
                 check_tar_member(member, path)
@@ -174,7 +209,7 @@ class SafeTar:
                     if key in self.files:
                         raise _fail(path, f"tar member {member.name!r} appears twice")
                     self.files[key] = member
-            # tarfile keeps its own list of every member; we hold ours.
+            _check_tar_end(self._tar, path)
         except DatasetError:
             self.close()
             raise
