@@ -58,7 +58,12 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo, src: int = 0) -> N
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=src)
+            if t.dtype == torch.bool:  # gloo cannot broadcast bool tensors
+                tmp = t.data.to(torch.uint8)
+                dist.broadcast(tmp, src=src)
+                t.data.copy_(tmp.bool())
+            else:
+                dist.broadcast(t.data, src=src)
 
 
 def barrier(info: DistInfo) -> None:

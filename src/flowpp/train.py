@@ -27,7 +27,6 @@ from . import distributed as D
 from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
 from .configs import FlowConfig
-from .evaluate import evaluate_bpd
 from .images import save_grid
 from .model import FlowPlusPlus
 from .schedules import learning_rate
@@ -221,6 +220,8 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
             raise FileExistsError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to "
                                   f"continue that run or choose another --out")
         (out / "samples").mkdir(exist_ok=True)
+        for stale in ckpt_dir.glob(".checkpoint-*.tmp") if ckpt_dir.is_dir() else []:
+            stale.unlink()  # a write interrupted by a crash; the checkpoints themselves are whole
     D.barrier(info)
 
     torch.manual_seed(settings.seed)
@@ -284,19 +285,24 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
         f"device {device}, {info.world_size} process(es), global batch {config.batch_size}")
 
     valid_eval = valid_x[: settings.eval_images]
+    scale = 1.0 / (config.num_dims * math.log(2.0))
 
     def evaluate_now(step: int) -> dict:
         t0 = time.perf_counter()
-        # Each rank scores a shard; sums and counts are all-reduced (not means of means).
-        shard = valid_eval[info.rank:: info.world_size]
-        g = torch.Generator(device=device).manual_seed(1234) if device.type == "cuda" else torch.Generator().manual_seed(1234)
-        batches = (shard[i: i + settings.eval_batch_size] for i in range(0, shard.shape[0], settings.eval_batch_size))
-        res = evaluate_bpd(ema, batches, samples=1, device=device, generator=g, per_image=True)
-        vals = torch.tensor(res.get("per_image_bpd", []), dtype=torch.float64)
-        tot = torch.tensor([vals.sum().item() if vals.numel() else 0.0, float(vals.numel())], dtype=torch.float64,
-                           device=device)
-        D.all_reduce_sum(tot, info)
-        valid_bpd = float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+        # The noise of image i is fixed by (seed, i), and each rank scores a shard whose sums and
+        # counts are all-reduced (not means of means): any world size gives the same number.
+        n_eval = valid_eval.shape[0]
+        noise_all = model.dequantizer.sample_noise((n_eval, *config.image_shape), torch.Generator().manual_seed(1234))
+        mine = torch.arange(info.rank, n_eval, info.world_size)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for i in range(0, mine.numel(), settings.eval_batch_size):
+                idx = mine[i: i + settings.eval_batch_size]
+                lp = ema.log_prob(valid_eval[idx].to(device), check=False, noise=noise_all[idx].to(device))
+                total[0] += (lp.double() * -scale).sum()
+                total[1] += idx.numel()
+        D.all_reduce_sum(total, info)
+        valid_bpd = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         inv_err = float("nan")
         if main:
             with torch.no_grad():
@@ -373,7 +379,6 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
     bad_in_row = 0
     grad_norm_val = float("nan")
     stop_reason = "budget"
-    scale = 1.0 / (config.num_dims * math.log(2.0))
     ckpt_path = None
     last_eval: dict = {}
 
@@ -407,12 +412,14 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            if info.enabled:  # every rank must agree to step or to skip
-                ok_t = ok.to(torch.float32).reshape(1)
-                D.all_reduce_sum(ok_t, info)
-                finite = bool(ok_t.item() == info.world_size)
+            if info.enabled:  # every rank must agree to step or to skip; log the global mean loss
+                agg = torch.stack([ok.to(torch.float64), loss.detach().double()]).reshape(2)
+                D.all_reduce_sum(agg, info)
+                finite = bool(agg[0].item() == info.world_size)
+                global_bpd = float(agg[1]) / info.world_size
             else:
                 finite = bool(ok)
+                global_bpd = float(loss.detach())
             state["epoch"], state["offset"] = epoch, offset
             state["step"] = step + 1
             state["images_seen"] += config.batch_size
@@ -420,8 +427,7 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
                 opt.step()
                 ema_update(ema, model, config.ema_decay)
                 bad_in_row = 0
-                bpd_val = float(loss.detach())
-                window_bpd.append(bpd_val)
+                window_bpd.append(global_bpd)
                 grad_norm_val = float(grad_norm)
             else:
                 opt.zero_grad(set_to_none=True)

@@ -252,32 +252,96 @@ class SafeTar:
 # CIFAR-10 python batches: restricted unpickling
 # ---------------------------------------------------------------------------
 
-# The function ndarray.__reduce__ names (numpy.core.multiarray._reconstruct in
-# numpy 1, numpy._core.multiarray._reconstruct in numpy 2), taken from numpy
-# itself so that no deprecated module has to be imported.
-_np_reconstruct = np.zeros(0).__reduce__()[0]
+# How numpy pickles an array (all numpy versions, protocols 2-4):
+#
+#     _reconstruct(ndarray, (0,), b'b')               -> empty array
+#     .__setstate__((1, shape, dtype, is_fortran, raw_bytes))
+#     dtype('u1', False, True)                          -> the dtype
+#     .__setstate__((3, '|', None, None, None, -1, -1, 0))
+#
+# The unpickler below resolves these names to small stand-in objects instead of
+# numpy's own callables.  Their __setstate__ checks the state against the
+# simple form above and only then builds the array with np.frombuffer, so
+# untrusted state never reaches numpy's C-level __setstate__ (which can be
+# driven into internal errors by crafted states) and no array is allocated
+# from a size the pickle merely claims.
 
 
-def _safe_reconstruct(subtype, shape, typecode):
-    # ndarray.__reduce__ always emits _reconstruct(ndarray, (0,), b'b'): an
-    # empty array whose real shape, dtype and bytes arrive by __setstate__.
-    # Anything else (subclasses, large preallocations) is not a numpy array
-    # pickle and is refused.
-    if subtype is not np.ndarray or tuple(shape) != (0,) or typecode not in (b"b", "b"):
-        raise pickle.UnpicklingError("unexpected arguments to numpy _reconstruct")
-    return _np_reconstruct(np.ndarray, (0,), b"b")
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` in a pickle; cannot be called."""
 
+    __slots__ = ()
+
+
+_NDARRAY_TOKEN = _NdarrayToken()
 
 # Simple numeric dtype codes a batch array could have been saved with.
 _SIMPLE_DTYPES = {"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"}
 
 
-def _safe_dtype(spec, align=False, copy=False):
-    if isinstance(spec, bytes):
-        spec = spec.decode("ascii", "replace")
-    if not isinstance(spec, str) or spec not in _SIMPLE_DTYPES:
-        raise pickle.UnpicklingError(f"refusing numpy dtype {spec!r}")
-    return np.dtype(spec, bool(align), bool(copy))
+def _text(value):
+    # Python-2 str arrives as bytes (encoding='bytes'); Python-3 str as str.
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class _PickledDtype:
+    """A dtype named by a pickle; ``dtype`` is the checked numpy dtype."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, spec):
+        spec = _text(spec)
+        if not isinstance(spec, str) or spec not in _SIMPLE_DTYPES:
+            raise pickle.UnpicklingError(f"refusing numpy dtype {spec!r}")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state):
+        ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+              and state[2] is None and state[3] is None and state[4] is None
+              and state[5] == -1 and state[6] == -1 and isinstance(state[7], int))
+        order = _text(state[1]) if ok else None
+        if not ok or order not in ("|", "<", ">", "="):
+            raise pickle.UnpicklingError("unexpected numpy dtype state")
+        if order in "<>" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+class _PickledArray:
+    """An array named by a pickle; ``array`` is set by a valid __setstate__."""
+
+    __slots__ = ("array",)
+
+    def __init__(self):
+        self.array = None
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 5 and state[0] == 1:
+            state = state[1:]
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise pickle.UnpicklingError("unexpected numpy array state")
+        shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise pickle.UnpicklingError(f"bad array shape {shape!r}")
+        if not isinstance(dtype, _PickledDtype) or not isinstance(fortran, (bool, int)) \
+                or not isinstance(raw, (bytes, bytearray)):
+            raise pickle.UnpicklingError("unexpected numpy array state")
+        dt = dtype.dtype
+        if len(raw) != math.prod(shape) * dt.itemsize:
+            raise pickle.UnpicklingError(f"array data is {len(raw)} bytes, shape {shape} of {dt} "
+                                         f"needs {math.prod(shape) * dt.itemsize}")
+        self.array = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
+
+
+def _pickled_reconstruct(subtype, shape, typecode):
+    # ndarray.__reduce__ always emits _reconstruct(ndarray, (0,), b'b').
+    if subtype is not _NDARRAY_TOKEN or tuple(shape) != (0,) or _text(typecode) != "b":
+        raise pickle.UnpicklingError("unexpected arguments to numpy _reconstruct")
+    return _PickledArray()
+
+
+def _pickled_dtype(spec, align=False, copy=True):
+    return _PickledDtype(spec)
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -286,16 +350,17 @@ class _BatchUnpickler(pickle.Unpickler):
     The real batches are protocol-2 pickles (written by Python 2) of a dict
     with str keys, a str, a list of ints, a list of str and one numpy array.
     Plain containers, strings and numbers need no global; a numpy array needs
-    exactly ``_reconstruct``, ``ndarray`` and ``dtype``.  Every other global
-    (``os.system``, ``builtins.eval``, ``_codecs.encode`` ...) is refused
-    before it is looked up, so nothing it names can run.
+    exactly ``_reconstruct``, ``ndarray`` and ``dtype``, which resolve to the
+    checking stand-ins above.  Every other global (``os.system``,
+    ``builtins.eval``, ``_codecs.encode`` ...) is refused before it is looked
+    up, so nothing it names can run.
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _safe_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _pickled_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _pickled_reconstruct,
+        ("numpy", "ndarray"): _NDARRAY_TOKEN,
+        ("numpy", "dtype"): _pickled_dtype,
     }
 
     def find_class(self, module, name):
@@ -314,8 +379,9 @@ def restricted_loads(data: bytes, source: PathLike):
     """Unpickle `data` with :class:`_BatchUnpickler`.
 
     Python-2 strings become ``bytes`` (``encoding='bytes'``, as the CIFAR-10
-    page prescribes), so dict keys are ``b'data'`` etc.  Any failure (including
-    a refused global) is a DatasetError naming `source`.
+    page prescribes), so dict keys are ``b'data'`` etc.  Numpy arrays come back
+    as :class:`_PickledArray` holders (their ``array`` attribute).  Any failure
+    (including a refused global) is a DatasetError naming `source`.
     """
     try:
         return _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
@@ -339,6 +405,10 @@ def cifar_batch_images(data: bytes, source: PathLike) -> np.ndarray:
             arr = value
     if arr is None:
         raise _fail(source, "the batch dict has no 'data' entry")
+    if isinstance(arr, _PickledArray):
+        if arr.array is None:
+            raise _fail(source, "'data' is an incomplete numpy array pickle")
+        arr = arr.array
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != 3072:
         desc = (f"{arr.dtype} array of shape {arr.shape}" if isinstance(arr, np.ndarray)
                 else type(arr).__name__)
