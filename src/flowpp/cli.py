@@ -210,8 +210,13 @@ def cmd_train(args) -> int:
     print(f"data: {train_set.description}: {len(train_set.images):,} train / {len(valid_set.images):,} "
           f"{args.valid_split} images")
     settings.dataset_description = train_set.description
-    summary = train(config, settings, train_set.images, valid_set.images, num_levels=train_set.num_levels,
-                    resume=args.resume)
+    from .distributed import shutdown_distributed
+
+    try:
+        summary = train(config, settings, train_set.images, valid_set.images, num_levels=train_set.num_levels,
+                        resume=args.resume)
+    finally:
+        shutdown_distributed()
     print(json.dumps(summary, indent=2))
     return 0
 

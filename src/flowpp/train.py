@@ -155,7 +155,7 @@ class _MetricsLog:
         vals = []
         for k in METRIC_FIELDS:
             v = row.get(k, "")
-            vals.append(f"{v:.6g}" if isinstance(v, float) else str(v))
+            vals.append(f"{v:.9g}" if isinstance(v, float) else str(v))
         with open(self.path, "a") as f:
             f.write(",".join(vals) + "\n")
             f.flush()
@@ -383,8 +383,9 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
     last_eval: dict = {}
 
     with _Stop() as stop:
+        stop_agreed = False
         while not finished():
-            if stop.requested:
+            if stop_agreed or (stop.requested and not info.enabled):
                 stop_reason = "signal"
                 break
             t0 = time.perf_counter()
@@ -412,14 +413,20 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            if info.enabled:  # every rank must agree to step or to skip; log the global mean loss
-                agg = torch.stack([ok.to(torch.float64), loss.detach().double()]).reshape(2)
+            if info.enabled:
+                # Every rank must agree to step or to skip, and to stop on a signal (else the
+                # collectives would hang); the logged loss is the global mean.
+                agg = torch.stack([ok.to(torch.float64).reshape(()), loss.detach().double().reshape(()),
+                                   torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
                 D.all_reduce_sum(agg, info)
+                agg = agg.cpu()
                 finite = bool(agg[0].item() == info.world_size)
                 global_bpd = float(agg[1]) / info.world_size
+                stop_agreed = bool(agg[2] > 0)
             else:
                 finite = bool(ok)
                 global_bpd = float(loss.detach())
+                stop_agreed = stop.requested
             state["epoch"], state["offset"] = epoch, offset
             state["step"] = step + 1
             state["images_seen"] += config.batch_size
