@@ -1,12 +1,15 @@
 """Checkpoints: plain tensors and data only, written atomically, read with ``weights_only=True``.
 
-A checkpoint is a dict with ``format``/``version`` tags, the resolved config (a plain dict),
+Each checkpoint has a sidecar ``<name>.sha256`` with the digest of its bytes, written before the
+checkpoint is renamed into place; loading verifies it, so a corrupted file is refused rather
+than silently loaded. A checkpoint is a dict with ``format``/``version`` tags, the resolved config (a plain dict),
 model and EMA state dicts, optimizer state, step counters, RNG states and the data position.
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the target,
 so a crash never leaves a half-written file under a checkpoint's name.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -14,10 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write_text, fsync_dir
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "FORMAT"]
+           "remove_checkpoint", "digest_path", "FORMAT"]
 
 FORMAT = "flowpp-checkpoint"
 VERSION = 1
@@ -28,15 +31,48 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not fit what it is loaded into."""
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (tensors and plain data) to ``path``."""
+    """Atomically write ``state`` (tensors and plain data) to ``path``, with its digest beside it."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **state}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        atomic_write(path, lambda f: torch.save(payload, f))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # The digest is read back from disk, so it also vouches for what was actually written.
+        atomic_write_text(digest_path(path), f"{_sha256(tmp)}  {path.name}\n")
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from e
     return path
+
+
+def remove_checkpoint(path: Path) -> None:
+    for p in (path, digest_path(path)):
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -44,6 +80,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    sidecar = digest_path(path)
+    if sidecar.is_file():
+        try:
+            expected = sidecar.read_text().split()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"checkpoint digest {sidecar} is unreadable") from e
+        if _sha256(path) != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match {sidecar.name}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global, ...

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import distributed as D
 from .atomic import atomic_write_text
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, remove_checkpoint, save_checkpoint
 from .configs import FlowConfig
 from .images import save_grid
 from .model import FlowPlusPlus
@@ -145,7 +145,9 @@ class _MetricsLog:
             return
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
-        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
+        kept = [r for r in rows if None not in r.values() and len(r) == len(METRIC_FIELDS)
+                and (r.get("step") or "").isdigit() and int(r["step"]) <= step]
         lines = [",".join(METRIC_FIELDS)] + [",".join(r.get(k, "") or "" for k in METRIC_FIELDS) for r in kept]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
@@ -220,7 +222,7 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
             raise FileExistsError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to "
                                   f"continue that run or choose another --out")
         (out / "samples").mkdir(exist_ok=True)
-        for stale in ckpt_dir.glob(".checkpoint-*.tmp") if ckpt_dir.is_dir() else []:
+        for stale in ckpt_dir.glob("*.tmp") if ckpt_dir.is_dir() else []:
             stale.unlink()  # a write interrupted by a crash; the checkpoints themselves are whole
     D.barrier(info)
 
@@ -317,7 +319,8 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
     def checkpoint_now() -> Path | None:
         if not main:
             return None
-        bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        bad = [f"{which}.{n}" for which, m in (("model", model), ("ema", ema)) for n, p in m.state_dict().items()
+               if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             say(f"not writing a checkpoint: non-finite values in {bad[:3]}")
             return None
@@ -328,10 +331,7 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
         )
         path = save_checkpoint(ckpt_dir / f"checkpoint-{state['step']:08d}.pt", ck)
         for old in list_checkpoints(ckpt_dir)[: -settings.keep_checkpoints]:
-            try:
-                old.unlink()
-            except OSError:
-                pass
+            remove_checkpoint(old)
         return path
 
     def rollback() -> bool:

@@ -23,6 +23,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import tarfile
 import warnings
@@ -375,6 +376,59 @@ class _BatchUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refusing persistent id in pickle")
 
 
+class _BoundedReader:
+    """Minimal file object over `data` for the unpickler.
+
+    It has no ``readinto``/``peek``, so the C unpickler asks for every chunk by
+    ``read(n)``; a corrupted length field that asks for more than is left is
+    refused here instead of making the unpickler allocate that many bytes.
+    """
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes):
+        self._data = bytes(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = len(self._data) - self._pos
+        if n is None or n < 0:
+            n = left
+        if n > left:
+            raise pickle.UnpicklingError(f"pickle data was truncated (wants {n} bytes, {left} left)")
+        chunk = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return chunk
+
+    def readline(self) -> bytes:
+        end = self._data.find(b"\n", self._pos)
+        end = len(self._data) if end < 0 else end + 1
+        chunk = self._data[self._pos:end]
+        self._pos = end
+        return chunk
+
+
+# Opcodes a CIFAR-10 batch (or a Python-3 re-pickle of one at protocols 2-4)
+# never contains: out-of-band buffers and bytearrays (protocol 5), persistent
+# ids, the extension registry and the INST/OBJ class-instantiation forms.
+_FORBIDDEN_OPCODES = {"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID",
+                      "EXT1", "EXT2", "EXT4", "INST", "OBJ"}
+
+
+def _prescan_pickle(data: bytes) -> None:
+    """Walk the opcode stream before unpickling.
+
+    ``pickletools.genops`` checks every length field against the bytes that
+    are really there, so the C unpickler afterwards never sees a length that
+    would make it allocate more than the file holds.
+    """
+    for opcode, arg, pos in pickletools.genops(data):
+        if opcode.name in _FORBIDDEN_OPCODES:
+            raise pickle.UnpicklingError(f"refusing pickle opcode {opcode.name} at byte {pos}")
+        if opcode.name == "PROTO" and arg > pickle.HIGHEST_PROTOCOL:
+            raise pickle.UnpicklingError(f"refusing pickle protocol {arg}")
+
+
 def restricted_loads(data: bytes, source: PathLike):
     """Unpickle `data` with :class:`_BatchUnpickler`.
 
@@ -384,7 +438,8 @@ def restricted_loads(data: bytes, source: PathLike):
     (including a refused global) is a DatasetError naming `source`.
     """
     try:
-        return _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+        _prescan_pickle(data)
+        return _BatchUnpickler(_BoundedReader(data), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - hostile bytes raise anything
         raise _fail(source, "not a valid CIFAR-10 python batch (refused or broken pickle)", exc) from exc
 
