@@ -78,6 +78,37 @@ def test_allowed_names_with_unexpected_arguments():
         restricted_loads(odd_dtype, "p")
 
 
+def _array_pickle(state_tail: bytes, dtype_state: bytes = b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb") -> bytes:
+    """A py2-style pickle {'data': array} whose array state can be tampered with."""
+    return (b"\x80\x02}(U\x04data"
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(K\x00tU\x01b\x87R"
+            b"(K\x01" + state_tail + b"tbu.").replace(b"DTYPE", b"cnumpy\ndtype\n(U\x02u1K\x00K\x01tR" + dtype_state)
+
+
+def test_tampered_array_states():
+    ok = _array_pickle(b"(K\x01M\x00\x0ctDTYPE\x89T\x00\x0c\x00\x00" + b"\x07" * 3072)
+    arr = cifar_batch_images(ok, "p")
+    assert arr.shape == (1, 32, 32, 3) and (arr == 7).all()
+    bad = {
+        "short data": _array_pickle(b"(K\x01M\x00\x0ctDTYPE\x89U\x03abc"),
+        "negative dim": _array_pickle(b"(J\xff\xff\xff\xffM\x00\x0ctDTYPE\x89U\x03abc"),
+        "dtype state": _array_pickle(b"(K\x01M\x00\x0ctDTYPE\x89T\x00\x0c\x00\x00" + b"\x07" * 3072,
+                                     dtype_state=b"(K\x03U\x01|N(U\x01aK\x01tNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"),
+        "not a dtype": _array_pickle(b"(K\x01M\x00\x0ctU\x02u1\x89T\x00\x0c\x00\x00" + b"\x07" * 3072),
+    }
+    for why, payload in bad.items():
+        with pytest.raises(DatasetError):
+            cifar_batch_images(payload, why)
+    # ndarray is only a token: calling it (to allocate) fails
+    with pytest.raises(DatasetError):
+        restricted_loads(b"\x80\x02cnumpy\nndarray\nJ\x00\xca\x9a;\x85R.", "p")
+    # a length field far beyond the data is refused before any allocation
+    with pytest.raises(DatasetError, match="BYTEARRAY8|remain"):
+        restricted_loads(b"\x80\x05\x96" + (2**60).to_bytes(8, "little") + b"abc.", "p")
+    with pytest.raises(DatasetError, match="remain"):
+        restricted_loads(b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"abc.", "p")
+
+
 def test_truncated_pickle(fmt):
     blob = fmt.cifar_batch(fmt.make_images(2, 32, 32, 3))
     for cut in (1, 10, len(blob) // 2, len(blob) - 1):
