@@ -27,7 +27,6 @@ present.  ImageNet must be placed by hand (its sites need a login).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
