@@ -36,20 +36,27 @@ class MixtureTerms(NamedTuple):
     log_pdf: Tensor
 
 
-def mixture_terms(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> MixtureTerms:
-    """All three log quantities in one pass (one log-sigmoid per component).
-
-    Uses ``log sigmoid(-z) = log sigmoid(z) - z`` and
-    ``log pdf_k(x) = log sigmoid(z) + log sigmoid(-z) - log s_k``.
-    """
-    log_weights = torch.log_softmax(logits, dim=-1)
-    z = (x.unsqueeze(-1) - means) * torch.exp(-log_scales)
+def _terms(x: Tensor, log_weights: Tensor, means: Tensor, inv_scales: Tensor, log_weights_pdf: Tensor) -> MixtureTerms:
+    # Uses log sigmoid(-z) = log sigmoid(z) - z and log pdf_k = log sigmoid(z) + log sigmoid(-z) - log s_k,
+    # so one log-sigmoid per component serves all three quantities.
+    z = (x.unsqueeze(-1) - means) * inv_scales
     log_sig_pos = F.logsigmoid(z)
     log_sig_neg = log_sig_pos - z
     log_cdf = torch.logsumexp(log_weights + log_sig_pos, dim=-1)
     log_sf = torch.logsumexp(log_weights + log_sig_neg, dim=-1)
-    log_pdf = torch.logsumexp(log_weights - log_scales + log_sig_pos + log_sig_neg, dim=-1)
+    log_pdf = torch.logsumexp(log_weights_pdf + log_sig_pos + log_sig_neg, dim=-1)
     return MixtureTerms(log_cdf, log_sf, log_pdf)
+
+
+def _prepare(logits: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    log_weights = torch.log_softmax(logits, dim=-1)
+    return log_weights, torch.exp(-log_scales), log_weights - log_scales
+
+
+def mixture_terms(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> MixtureTerms:
+    """log F(x), log(1 - F(x)) and log f(x) in one pass (one log-sigmoid per component)."""
+    log_weights, inv_scales, log_weights_pdf = _prepare(logits, log_scales)
+    return _terms(x, log_weights, means, inv_scales, log_weights_pdf)
 
 
 def mixture_log_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
@@ -113,8 +120,9 @@ def mixture_inverse_logit_cdf(
     v = target_logit
     lo, hi = _initial_bracket(v, means, log_scales)
     x = 0.5 * (lo + hi)
+    log_weights, inv_scales, log_weights_pdf = _prepare(logits, log_scales)  # hoisted out of the loop
     for it in range(max_iters):
-        t = mixture_terms(x, logits, means, log_scales)
+        t = _terms(x, log_weights, means, inv_scales, log_weights_pdf)
         g = t.log_cdf - t.log_sf - v
         log_slope = t.log_pdf - t.log_cdf - t.log_sf
         # Shrink the bracket with the sign of g: the root stays inside.
