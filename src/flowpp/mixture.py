@@ -74,10 +74,15 @@ def mixture_log_sf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor)
 
 
 def mixture_log_pdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
-    """log f(x) = logsumexp_k [log pi_k + z_k - l_k - 2 softplus(z_k)]."""
+    """log f(x) = logsumexp_k [log pi_k + z_k - l_k - 2 softplus(z_k)].
+
+    Written as log sigmoid(z) + log sigmoid(-z) - l, which equals the above exactly and, unlike
+    ``F.softplus`` (linear past its threshold of 20), keeps full precision in the tails.
+    """
     log_weights = torch.log_softmax(logits, dim=-1)
     z = (x.unsqueeze(-1) - means) * torch.exp(-log_scales)
-    return torch.logsumexp(log_weights + z - log_scales - 2.0 * F.softplus(z), dim=-1)
+    log_sig = F.logsigmoid(z)
+    return torch.logsumexp(log_weights - log_scales + 2.0 * log_sig - z, dim=-1)
 
 
 def mixture_logit_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,15 +134,16 @@ def mixture_inverse_logit_cdf(
         lo = torch.where(g < 0, x, lo)
         hi = torch.where(g > 0, x, hi)
         newton = x - g * torch.exp(-log_slope)
-        inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
+        # The root may be a bracket end itself (one component dominating): accept it.
+        inside = (newton >= lo) & (newton <= hi) & torch.isfinite(newton)
         x_next = torch.where(inside, newton, 0.5 * (lo + hi))
         x_next = torch.where(g == 0, x, x_next)
         step = (x_next - x).abs()
         x = x_next
         if (it + 1) % check_every == 0:
-            scale = x.abs() + 1.0
-            width = hi - lo
-            if bool(((step <= 4 * eps * scale) | (width <= 4 * eps * scale)).all()):
+            # Relative tolerance: a root near 0 is found to full relative precision too.
+            tol = 4 * eps * x.abs() + 1e-30
+            if bool(((step <= tol) | (hi - lo <= tol)).all()):
                 break
     return x
 
