@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FlowConfig", "get_config", "list_configs", "register_config", "parse_stage"]
+__all__ = ["FlowConfig", "TRAINING_FIELDS", "get_config", "list_configs", "register_config", "parse_stage"]
 
 _STAGE = re.compile(r"^(stripe|channel) x(\d+)$|^squeeze$")
 
@@ -111,6 +111,19 @@ class FlowConfig:
 
     def replace(self, **changes) -> "FlowConfig":
         return dataclasses.replace(self, **changes)
+
+    def architecture_differences(self, other: "FlowConfig") -> list[str]:
+        """Fields that change the model's parameters or its function, as 'field: a vs b'."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a
+                if k not in TRAINING_FIELDS and k not in ("name", "notes") and a[k] != b[k]]
+
+
+# Fields of the training recipe: a run may be resumed with other values for these.
+TRAINING_FIELDS = frozenset({
+    "batch_size", "init_batch_size", "lr", "warmup_steps", "lr_schedule", "min_lr", "ema_decay", "grad_clip",
+    "adam_betas", "adam_eps",
+})
 
 
 _CONFIGS: dict[str, FlowConfig] = {}

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import distributed as D
 from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, remove_checkpoint, save_checkpoint
-from .configs import FlowConfig
+from .configs import TRAINING_FIELDS, FlowConfig
 from .images import save_grid
 from .model import FlowPlusPlus
 from .schedules import learning_rate
@@ -237,10 +237,14 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
     def load_state(ck: dict, path: Path) -> None:
         nonlocal ema
         saved = FlowConfig.from_dict(ck["config"])
-        if saved.replace(notes="") != config.replace(notes=""):
-            diffs = [f"{k}: checkpoint {v!r} vs now {getattr(config, k)!r}" for k, v in saved.to_dict().items()
-                     if k != "notes" and v != config.to_dict()[k]]
-            raise CheckpointError(f"checkpoint {path} was written for another config ({'; '.join(diffs)})")
+        diffs = saved.architecture_differences(config)
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was written for another config (checkpoint vs now: "
+                                  f"{'; '.join(diffs)})")
+        recipe = [f"{k}: {v!r} -> {getattr(config, k)!r}" for k, v in saved.to_dict().items()
+                  if k in TRAINING_FIELDS and v != getattr(config, k)]
+        if recipe:
+            say(f"resuming with a changed training recipe: {'; '.join(recipe)}")
         model.load_state_dict(ck["model"])
         ema = copy.deepcopy(model)
         ema.load_state_dict(ck["ema"])
