@@ -1,0 +1,156 @@
+"""Named configurations: parameter counts of the paper's models, meta-device builds, and the
+config object itself (frozen, dict round trip, validation)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import flowpp
+from flowpp.configs import FlowConfig, parse_stage
+from flowpp.dequantizers import UniformDequantizer
+from flowpp.flows import AffineCoupling, MixtureLogisticCoupling, Pointwise
+
+# Official counts (the released TensorFlow models; the ablations keep ~31-32M by widening).
+PARAMETER_COUNTS = {
+    "cifar10": 31_443_440,
+    "imagenet32": 168_955_724,
+    "imagenet64": 73_489_960,
+    "cifar10-uniform-dequant": 32_324_408,
+    "cifar10-affine": 32_045_708,
+    "cifar10-no-attention": 31_443_440,
+}
+
+
+@pytest.fixture(scope="module")
+def meta_models():
+    """Every named config built once on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return {name: flowpp.FlowPlusPlus(flowpp.get_config(name)) for name in flowpp.list_configs()}
+
+
+def test_known_configs_are_listed():
+    names = flowpp.list_configs()
+    assert names == sorted(names)
+    assert set(PARAMETER_COUNTS) | {"tiny"} <= set(names)
+
+
+@pytest.mark.parametrize("name", list(PARAMETER_COUNTS))
+def test_parameter_counts_match_the_official_models(name, meta_models):
+    expected = PARAMETER_COUNTS[name]
+    assert flowpp.count_parameters(flowpp.get_config(name)) == expected
+    assert sum(p.numel() for p in meta_models[name].parameters()) == expected
+
+
+@pytest.mark.parametrize("name", flowpp.list_configs())
+def test_every_config_builds_on_meta_and_exposes_its_shape(name, meta_models):
+    cfg = flowpp.get_config(name)
+    model = meta_models[name]
+    assert all(p.device.type == "meta" for p in model.parameters())
+    c, h, w = cfg.image_shape
+    assert isinstance(cfg.image_shape, tuple) and len(cfg.image_shape) == 3
+    assert all(isinstance(v, int) and v > 0 for v in cfg.image_shape)
+    assert isinstance(cfg.num_levels, int) and cfg.num_levels >= 2
+    assert model.config is cfg
+    assert cfg.num_dims == c * h * w
+    # No factor-out: the latent has every dimension of the image.
+    assert math.prod(model.latent_shape) == c * h * w
+    assert cfg.name == name
+
+
+# (main-flow couplings, dequantizer couplings, latent shape (C, H, W)) from the paper's table
+ARCHITECTURES = {
+    "cifar10": (9, 4, (12, 16, 16)),
+    "imagenet32": (13, 8, (12, 16, 16)),
+    "imagenet64": (12, 4, (192, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architectures_match_the_paper(name, meta_models):
+    n_main, n_deq, latent = ARCHITECTURES[name]
+    model = meta_models[name]
+    cfg = model.config
+    count = lambda mod: sum(isinstance(m, (MixtureLogisticCoupling, AffineCoupling)) for m in mod.modules())  # noqa: E731
+    assert count(model.flow) == n_main
+    assert count(model.dequantizer) == n_deq
+    assert model.latent_shape == latent
+    assert any(isinstance(m, Pointwise) for m in model.modules()) == (name == "cifar10")
+    assert cfg.mixture_float64 == name.startswith("imagenet")
+
+
+def test_ablation_configs_change_what_they_say(meta_models):
+    assert isinstance(meta_models["cifar10-uniform-dequant"].dequantizer, UniformDequantizer)
+    affine = meta_models["cifar10-affine"]
+    assert any(isinstance(m, AffineCoupling) for m in affine.modules())
+    assert not any(isinstance(m, MixtureLogisticCoupling) for m in affine.modules())
+    assert flowpp.get_config("cifar10-no-attention").mixer == "pointwise"
+
+
+@pytest.mark.parametrize("name", flowpp.list_configs())
+def test_dict_round_trip(name):
+    cfg = flowpp.get_config(name)
+    d = cfg.to_dict()
+    assert isinstance(d, dict) and d["name"] == name
+    again = FlowConfig.from_dict(json.loads(json.dumps(d)))  # through JSON: tuples become lists
+    assert again == cfg
+    assert again.to_dict() == d
+    assert isinstance(again.image_shape, tuple) and isinstance(again.layout, tuple)
+    assert hash(again) == hash(cfg)
+
+
+def test_from_dict_rejects_unknown_fields():
+    d = flowpp.get_config("tiny").to_dict()
+    d["filterz"] = 3
+    with pytest.raises(ValueError, match="filterz"):
+        FlowConfig.from_dict(d)
+
+
+def test_config_is_frozen():
+    cfg = flowpp.get_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.filters = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.image_shape = (1, 2, 2)
+    new = cfg.replace(dropout=0.5)
+    assert new.dropout == 0.5 and cfg.dropout == 0.0
+    assert flowpp.get_config("tiny") is cfg
+
+
+def test_unknown_config_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown config 'cifar11'.*cifar10"):
+        flowpp.get_config("cifar11")
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(coupling="spline"), "coupling='spline'"),
+    (dict(mixer="conv"), "mixer='conv'"),
+    (dict(dequantizer="none"), "dequantizer='none'"),
+    (dict(layout=("stripe x2", "squish")), "bad layout stage 'squish'"),
+    (dict(dequant_layout=("channel x2",)), "dequantizer layout may only use stripe"),
+    (dict(image_shape=(0, 8, 8)), "bad image_shape"),
+    (dict(num_levels=1), "num_levels"),
+    (dict(lr_schedule="linear"), "lr_schedule='linear'"),
+])
+def test_invalid_configs_are_rejected(changes, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        flowpp.get_config("tiny").replace(**changes)
+
+
+def test_layout_that_cannot_be_built_is_rejected_at_build_time():
+    with pytest.raises(ValueError, match="cannot squeeze"):
+        flowpp.FlowPlusPlus(flowpp.get_config("tiny").replace(image_shape=(3, 6, 6),
+                                                              layout=("squeeze", "squeeze")))
+    with pytest.raises(ValueError, match="even width"):
+        flowpp.FlowPlusPlus(flowpp.get_config("tiny").replace(image_shape=(3, 8, 5)))
+
+
+def test_parse_stage():
+    assert parse_stage("stripe x4") == ("stripe", 4)
+    assert parse_stage(" channel x12 ") == ("channel", 12)
+    assert parse_stage("squeeze") == ("squeeze", 0)
+    with pytest.raises(ValueError, match="expected 'stripe xN'"):
+        parse_stage("stripes x4")
