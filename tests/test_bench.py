@@ -1,0 +1,89 @@
+"""Smoke tests of the benchmark scripts (tiny config, CPU, one timed run)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks" / "bench.py"
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def test_bench_tiny_cpu(tmp_path):
+    out = tmp_path / "tiny.json"
+    # One thread: a shared small CPU can be much slower with busy-waiting OpenMP threads.
+    cmd = [sys.executable, str(BENCH), "--config", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+           "--device", "cpu", "--threads", "1", "--matmul-size", "256", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "train_img_per_s" in proc.stdout  # the table
+
+    doc = json.loads(out.read_text())
+    meta, m = doc["meta"], doc["metrics"]
+    for key in ("config", "batch_size", "dtype", "device", "device_name", "cpu_model", "threads", "torch_version",
+                "data_source", "commit"):
+        assert key in meta, key
+    assert meta["config"] == "tiny" and meta["batch_size"] == 2 and meta["threads"] == 1
+
+    for key in ("train_img_per_s", "logprob_img_per_s"):
+        assert m[key]["value"] > 0 and m[key]["unit"] == "img/s"
+        assert m[key]["min"] <= m[key]["value"] <= m[key]["max"]
+    assert m["sample_seconds_per_image"]["value"] > 0
+    assert m["sample_to_forward_ratio"]["value"] > 0
+    assert m["sample_in_range"]["value"] is True
+
+    assert m["inverse_max_abs_err_float32"]["value"] < 1e-2  # pixels
+    assert m["inverse_max_abs_err_float64"]["value"] < 1e-8
+    for tag, tol in (("float32", 1e-3), ("float64", 1e-10)):
+        for T in ("0.5", "1.0"):
+            assert m[f"latent_roundtrip_rel_err_{tag}_T{T}"]["value"] < tol
+            assert m[f"latent_roundtrip_nonfinite_{tag}_T{T}"]["value"] == 0
+
+    assert m["train_peak_rss_bytes"]["value"] > 10 * 2**20  # from the child process
+    assert m["train_flops_per_step"]["value"] > 0
+    assert m["train_achieved_flops_per_s"]["value"] > 0
+    assert m["matmul_float32_flops_per_s"]["value"] > 0
+    assert 0 < m["train_fraction_of_matmul_float32"]["value"] < 10
+    assert 0 < m["logprob_bpd"]["value"] < 100
+
+
+def test_bench_only_and_cpu_bf16_is_ignored(tmp_path):
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, str(BENCH), "--config", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+           "--device", "cpu", "--threads", "1", "--only", "logprob", "--bf16", "--quiet", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["bf16"] is False and doc["meta"]["bf16_requested"] is True
+    assert any("CUDA-only" in n for n in doc["notes"])
+    assert "logprob_img_per_s" in doc["metrics"] and "train_img_per_s" not in doc["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_quick_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = _env()
+    env["OUT"] = str(out)
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--device", "cpu", "--quick"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    names = {p.stem for p in out.glob("*.json")}
+    assert {"cifar10_b64_fp32", "cifar10_b64_bf16", "sample8_fp32", "sample8_bf16", "imagenet64_b8_fp32",
+            "imagenet64_b8_bf16"} <= names
+    assert (out / "summary.txt").read_text().strip()
+    doc = json.loads((out / "cifar10_b64_fp32.json").read_text())
+    assert doc["metrics"]["train_img_per_s"]["value"] > 0
