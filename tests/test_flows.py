@@ -458,11 +458,9 @@ def test_float32_model_with_float64_mixture(perturb):
 
 # --- float64 accuracy of the fixed elementwise log-dets (torch softplus threshold) ----------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Sigmoid / LogitPreprocess log-dets use F.softplus, whose default threshold=20 returns x for "
-    "x > 20: log sigmoid'(x) loses log1p(exp(-|x|)) (up to 2e-9) for |x| in (20, ~37) in float64"))
 @pytest.mark.parametrize("which", ["Sigmoid", "LogitPreprocess(margin=0)"])
 def test_elementwise_logdet_float64_past_softplus_threshold(which):
+    # Regression: F.softplus (linear past threshold 20) lost log1p(exp(-|x|)), up to 2e-9 in float64.
     if which == "Sigmoid":
         x = torch.tensor([[20.5, -20.5, 25.0, 30.0]], dtype=F64)
         # log sigmoid'(x) = -|x| - 2 log1p(exp(-|x|)), exactly

@@ -126,6 +126,11 @@ def mixture_inverse_logit_cdf(
     lo, hi = _initial_bracket(v, means, log_scales)
     x = 0.5 * (lo + hi)
     log_weights, inv_scales, log_weights_pdf = _prepare(logits, log_scales)  # hoisted out of the loop
+    # As in Numerical Recipes' rtsafe: a Newton step is taken only if it stays in the bracket and
+    # is less than half the step before last; otherwise bisect. This rules out Newton cycles
+    # between the bracket ends, while a root that is itself a bracket end is still reached.
+    step = hi - lo
+    step_before = step
     for it in range(max_iters):
         t = _terms(x, log_weights, means, inv_scales, log_weights_pdf)
         g = t.log_cdf - t.log_sf - v
@@ -133,17 +138,18 @@ def mixture_inverse_logit_cdf(
         # Shrink the bracket with the sign of g: the root stays inside.
         lo = torch.where(g < 0, x, lo)
         hi = torch.where(g > 0, x, hi)
-        newton = x - g * torch.exp(-log_slope)
-        # The root may be a bracket end itself (one component dominating): accept it.
-        inside = (newton >= lo) & (newton <= hi) & torch.isfinite(newton)
-        x_next = torch.where(inside, newton, 0.5 * (lo + hi))
+        newton_step = g * torch.exp(-log_slope)
+        newton = x - newton_step
+        use_newton = ((newton >= lo) & (newton <= hi) & torch.isfinite(newton)
+                      & (2 * newton_step.abs() <= step_before.abs()))
+        x_next = torch.where(use_newton, newton, 0.5 * (lo + hi))
         x_next = torch.where(g == 0, x, x_next)
-        step = (x_next - x).abs()
+        step_before, step = step, x_next - x
         x = x_next
         if (it + 1) % check_every == 0:
             # Relative tolerance: a root near 0 is found to full relative precision too.
             tol = 4 * eps * x.abs() + 1e-30
-            if bool(((step <= tol) | (hi - lo <= tol)).all()):
+            if bool(((step.abs() <= tol) | (hi - lo <= tol)).all()):
                 break
     return x
 

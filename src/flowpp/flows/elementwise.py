@@ -28,12 +28,14 @@ class LogitPreprocess(Flow):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         p = self.margin + self.scale * x
         y = torch.log(p) - torch.log1p(-p)
-        logdet = math.log(self.scale) + F.softplus(y) + F.softplus(-y)
+        # log dp/dy = log sigmoid(y) + log sigmoid(-y); log-sigmoid keeps precision where
+        # softplus (linear past its threshold) would not.
+        logdet = math.log(self.scale) - F.logsigmoid(y) - F.logsigmoid(-y)
         return y, sum_except_batch(logdet)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = (torch.sigmoid(y) - self.margin) / self.scale
-        logdet = -math.log(self.scale) - F.softplus(y) - F.softplus(-y)
+        logdet = -math.log(self.scale) + F.logsigmoid(y) + F.logsigmoid(-y)
         return x, sum_except_batch(logdet)
 
 
@@ -41,7 +43,7 @@ class Sigmoid(Flow):
     """y = sigmoid(x); the dequantizer's last layer, mapping R to (0, 1)."""
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return torch.sigmoid(x), sum_except_batch(-F.softplus(x) - F.softplus(-x))
+        return torch.sigmoid(x), sum_except_batch(F.logsigmoid(x) + F.logsigmoid(-x))
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = torch.log(y) - torch.log1p(-y)
