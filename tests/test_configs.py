@@ -149,8 +149,22 @@ def test_layout_that_cannot_be_built_is_rejected_at_build_time():
 
 
 def test_parse_stage():
-    assert parse_stage("stripe x4") == ("stripe", 4)
-    assert parse_stage(" channel x12 ") == ("channel", 12)
-    assert parse_stage("squeeze") == ("squeeze", 0)
+    assert parse_stage("stripe x4") == ("stripe", 4, True)
+    assert parse_stage(" channel x12 ") == ("channel", 12, True)
+    assert parse_stage("stripe x2 no-attention") == ("stripe", 2, False)
+    assert parse_stage("squeeze") == ("squeeze", 0, False)
     with pytest.raises(ValueError, match="expected 'stripe xN'"):
         parse_stage("stripes x4")
+
+
+def test_no_attention_stage_builds_conv_only_conditioners():
+    import flowpp
+    from flowpp.nets import GatedAttention
+
+    cfg = flowpp.get_config("tiny").replace(layout=("stripe x2 no-attention", "squeeze", "channel x2", "stripe x1"))
+    with torch.device("meta"):
+        model = flowpp.FlowPlusPlus(cfg)
+    couplings = [m for m in model.flow.layers if hasattr(m, "conditioner")]
+    has_attention = [any(isinstance(b, GatedAttention) for b in c.conditioner.modules()) for c in couplings]
+    assert has_attention == [False, False, True, True, True]
+    assert flowpp.count_parameters(cfg) < flowpp.count_parameters(flowpp.get_config("tiny"))

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="non-finite steps in a row before rolling back to the last checkpoint")
     g.add_argument("--log-every", type=_positive_int, default=10, help="write a metrics row every N steps")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and settings, then exit")
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
     e.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
     e.add_argument("--out", default=None, help="JSON file (default: RUN/eval-<data>-<split>-S<S>.json)")
     e.add_argument("--no-download", action="store_true", help="never download")
 
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=_positive_int, default=1, help="enlarge the grid by this integer factor")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     # score ----------------------------------------------------------------------------------
     c = sub.add_parser("score", formatter_class=_Formatter, help="bits/dim of given image files",
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    c.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     # export ---------------------------------------------------------------------------------
     x = sub.add_parser("export", formatter_class=_Formatter, help="export a run's weights to safetensors",
@@ -334,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetError
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, CheckpointError, DatasetError) as e:

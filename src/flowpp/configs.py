@@ -14,15 +14,20 @@ from typing import Any
 
 __all__ = ["FlowConfig", "TRAINING_FIELDS", "get_config", "list_configs", "register_config", "parse_stage"]
 
-_STAGE = re.compile(r"^(stripe|channel) x(\d+)$|^squeeze$")
+_STAGE = re.compile(r"^(stripe|channel) x(\d+)( no-attention)?$|^squeeze$")
 
 
-def parse_stage(token: str) -> tuple[str, int]:
-    """'stripe x4' -> ('stripe', 4); 'squeeze' -> ('squeeze', 0)."""
+def parse_stage(token: str) -> tuple[str, int, bool]:
+    """'stripe x4' -> ('stripe', 4, True); 'stripe x4 no-attention' -> ('stripe', 4, False);
+    'squeeze' -> ('squeeze', 0, False). The flag says whether the stage's conditioners use the
+    config's mixer (attention) or only gated convolutions (cheaper at high resolution)."""
     m = _STAGE.match(token.strip())
     if not m:
-        raise ValueError(f"bad layout stage {token!r}: expected 'stripe xN', 'channel xN' or 'squeeze'")
-    return ("squeeze", 0) if m.group(1) is None else (m.group(1), int(m.group(2)))
+        raise ValueError(f"bad layout stage {token!r}: expected 'stripe xN', 'channel xN' (optionally "
+                         f"followed by ' no-attention') or 'squeeze'")
+    if m.group(1) is None:
+        return "squeeze", 0, False
+    return m.group(1), int(m.group(2)), m.group(3) is None
 
 
 @dataclass(frozen=True)

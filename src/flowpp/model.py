@@ -58,7 +58,7 @@ def _stages(cfg: FlowConfig, layout: tuple[str, ...], shape: tuple[int, int, int
     layers: list[Flow] = []
     c, h, w = shape
     for token in layout:
-        kind, n = parse_stage(token)
+        kind, n, mixing = parse_stage(token)
         if kind == "squeeze":
             if h % 2 or w % 2:
                 raise ValueError(f"config {cfg.name!r}: cannot squeeze a {c}x{h}x{w} volume")
@@ -74,8 +74,9 @@ def _stages(cfg: FlowConfig, layout: tuple[str, ...], shape: tuple[int, int, int
                 raise ValueError(f"config {cfg.name!r}: channel split needs an even channel count, got {c}x{h}x{w}")
             split, merge, half = ChannelSplit(), ChannelMerge(), (c // 2, h, w)
         layers.append(split)
+        stage_kwargs = coupling_kwargs if mixing else {**coupling_kwargs, "mixer": "none"}
         for _ in range(n):
-            layers.extend(_coupling_step(cfg, half, **coupling_kwargs))
+            layers.extend(_coupling_step(cfg, half, **stage_kwargs))
         layers.append(merge)
     return layers, (c, h, w)
 
