@@ -105,24 +105,15 @@ class ChannelLayerNorm(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
-class Dropout(nn.Module):
+class Dropout(nn.Dropout):
     """Inverted dropout drawn as ``rand >= p``: the same distribution as ``nn.Dropout``, and about
     2.5x faster on CPU than its Bernoulli sampler (dropout was ~10% of a CIFAR-10 training step)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
         keep = torch.rand_like(x) >= self.p
         return x * keep * (1.0 / (1.0 - self.p))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def _gate(h: Tensor) -> Tensor:
