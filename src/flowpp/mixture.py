@@ -91,12 +91,16 @@ def mixture_logit_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tens
     return t.log_cdf - t.log_sf, t.log_pdf - t.log_cdf - t.log_sf
 
 
-def _initial_bracket(target_logit: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor]:
+def _initial_bracket(target_logit: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     # Every component satisfies z_k <= v at x <= min_k(mu_k + v s_k), so F(x) <= sigmoid(v) there,
     # and F(x) >= sigmoid(v) at x >= max_k(mu_k + v s_k): a bracket that is tight when the
-    # components agree, instead of the official +-200 * sum of scales.
+    # components agree, instead of the official +-200 * sum of scales. Each component's own root
+    # mu_k + v s_k, averaged with the mixture weights, is a starting point inside it.
     candidates = means + target_logit.unsqueeze(-1) * torch.exp(log_scales)
-    return candidates.amin(dim=-1), candidates.amax(dim=-1)
+    start = (torch.softmax(logits, dim=-1) * candidates).sum(dim=-1)
+    lo, hi = candidates.amin(dim=-1), candidates.amax(dim=-1)
+    return lo, hi, start.clamp(lo, hi)
 
 
 def mixture_inverse_logit_cdf(
@@ -123,17 +127,21 @@ def mixture_inverse_logit_cdf(
     if max_iters is None:
         max_iters = 100 if dtype == torch.float64 else 60
     v = target_logit
-    lo, hi = _initial_bracket(v, means, log_scales)
-    x = 0.5 * (lo + hi)
+    lo, hi, x = _initial_bracket(v, logits, means, log_scales)
     log_weights, inv_scales, log_weights_pdf = _prepare(logits, log_scales)  # hoisted out of the loop
     # As in Numerical Recipes' rtsafe: a Newton step is taken only if it stays in the bracket and
     # is less than half the step before last; otherwise bisect. This rules out Newton cycles
     # between the bracket ends, while a root that is itself a bracket end is still reached.
     step = hi - lo
     step_before = step
+    done = torch.zeros_like(x, dtype=torch.bool)
+    residual_tol = 8 * eps * (1.0 + v.abs())
     for it in range(max_iters):
         t = _terms(x, log_weights, means, inv_scales, log_weights_pdf)
         g = t.log_cdf - t.log_sf - v
+        # Converged elements are frozen: a residual at the level of rounding in logit F itself
+        # (float32 cannot improve x beyond it), or x pinned to a few ulps (below).
+        done = done | (g.abs() <= residual_tol) | (g == 0)
         log_slope = t.log_pdf - t.log_cdf - t.log_sf
         # Shrink the bracket with the sign of g: the root stays inside.
         lo = torch.where(g < 0, x, lo)
@@ -142,15 +150,14 @@ def mixture_inverse_logit_cdf(
         newton = x - newton_step
         use_newton = ((newton >= lo) & (newton <= hi) & torch.isfinite(newton)
                       & (2 * newton_step.abs() <= step_before.abs()))
-        x_next = torch.where(use_newton, newton, 0.5 * (lo + hi))
-        x_next = torch.where(g == 0, x, x_next)
+        x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
         step_before, step = step, x_next - x
+        # Relative tolerance, so that a root near 0 is found to full relative precision too.
+        tol = 4 * eps * x_next.abs() + 1e-30
+        done = done | (step.abs() <= tol) | (hi - lo <= tol)
         x = x_next
-        if (it + 1) % check_every == 0:
-            # Relative tolerance: a root near 0 is found to full relative precision too.
-            tol = 4 * eps * x.abs() + 1e-30
-            if bool(((step.abs() <= tol) | (hi - lo <= tol)).all()):
-                break
+        if (it + 1) % check_every == 0 and bool(done.all()):
+            break
     return x
 
 
