@@ -383,3 +383,21 @@ def test_float32_model_round_trip_and_bits_per_dim(tiny_config):
     assert bpd.dtype == torch.float32 and torch.isfinite(bpd).all()
     assert 6.0 < bpd.mean().item() < 12.0  # random 8-bit data at init: about 8 bits/dim
     assert err < 1e-2
+
+
+def test_bf16_autocast_of_the_conditioners_keeps_mixture_math_in_float32():
+    cfg = flowpp.get_config("tiny")
+    torch.manual_seed(0)
+    model = flowpp.FlowPlusPlus(cfg).eval()
+    x = torch.randint(0, 256, (8, 3, 8, 8))
+    model.initialize(x)
+    ref = model.bits_per_dim(x, generator=torch.Generator().manual_seed(1))
+    model.set_autocast(torch.bfloat16)
+    low = model.bits_per_dim(x, generator=torch.Generator().manual_seed(1))
+    assert low.dtype == torch.float32
+    diff = (low - ref).abs().max().item()
+    assert 0 < diff < 0.05  # bf16 changes the numbers a little, not the result
+    y = x.float() + 0.5
+    assert (model.decode(model.encode(y)) - y).abs().max() < 1e-3  # still an exact bijection
+    model.set_autocast(None)
+    assert torch.equal(model.bits_per_dim(x, generator=torch.Generator().manual_seed(1)), ref)

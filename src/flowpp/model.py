@@ -117,6 +117,17 @@ class FlowPlusPlus(nn.Module):
             self.dequantizer = VariationalDequantizer(context_net, Sequential(*dq_layers, Sigmoid()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    def set_autocast(self, dtype: torch.dtype | None) -> "FlowPlusPlus":
+        """Run the conditioner and context networks under autocast (e.g. ``torch.bfloat16`` on
+        CUDA); ``None`` turns it off. The mixture CDF math and the log-determinants stay in the
+        model's precision, since the networks hand back float32 parameters."""
+        from .nets import Conditioner, ContextNet
+
+        for m in self.modules():
+            if isinstance(m, (Conditioner, ContextNet)):
+                m.autocast_dtype = dtype
+        return self
+
     # --- input checks -----------------------------------------------------------------------
 
     def check_images(self, x: Tensor) -> None:

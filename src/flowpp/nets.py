@@ -7,6 +7,8 @@ which makes every coupling start close to the identity.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -217,7 +219,25 @@ class GatedBlock(nn.Module):
         return x
 
 
-class Conditioner(nn.Module):
+class _Autocast:
+    """Optional reduced-precision compute for a network (set by ``FlowPlusPlus.set_autocast``).
+
+    Only the conditioner and context networks run under autocast; their outputs are returned in
+    float32 so that the mixture math and the log-determinants keep full precision.
+    """
+
+    autocast_dtype: torch.dtype | None = None
+
+    def _autocast(self, x: Tensor):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+
+    def _restore(self, h: Tensor, like: Tensor) -> Tensor:
+        return h if self.autocast_dtype is None else h.to(like.dtype)
+
+
+class Conditioner(nn.Module, _Autocast):
     """The network inside a coupling: conv3x3 -> F; B gated blocks; (concat_elu); conv3x3 -> out.
 
     ``pos_emb`` (F x H x W, N(0, 0.01)) is learned per coupling and shared by its blocks.
@@ -245,15 +265,17 @@ class Conditioner(nn.Module):
                                    weight_norm=weight_norm)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        h = self.proj_in(x)
-        for block in self.blocks:
-            h = block(h, self.pos_emb, context)
-        if self.final_concat_elu:
-            h = concat_elu(h)
-        return self.proj_out(h)
+        with self._autocast(x):
+            h = self.proj_in(x)
+            for block in self.blocks:
+                h = block(h, self.pos_emb, context)
+            if self.final_concat_elu:
+                h = concat_elu(h)
+            h = self.proj_out(h)
+        return self._restore(h, x)
 
 
-class ContextNet(nn.Module):
+class ContextNet(nn.Module, _Autocast):
     """The dequantizer's x-context network.
 
     x / L - 0.5 -> stripe split -> halves concatenated on channels -> conv3x3 -> ``channels``
@@ -276,7 +298,8 @@ class ContextNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x / self.num_levels - 0.5
-        h = self.proj(torch.cat((x[..., 0::2], x[..., 1::2]), dim=1))
-        for block in self.blocks:
-            h = block(h, self.pos_emb, None)
-        return h
+        with self._autocast(x):
+            h = self.proj(torch.cat((x[..., 0::2], x[..., 1::2]), dim=1))
+            for block in self.blocks:
+                h = block(h, self.pos_emb, None)
+        return self._restore(h, x)

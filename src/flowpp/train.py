@@ -57,6 +57,7 @@ class TrainSettings:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last checkpoint
     progress: bool = True
+    bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
     dataset: str = ""
     dataset_description: str = ""
     extra: dict = field(default_factory=dict)
@@ -228,6 +229,8 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
 
     torch.manual_seed(settings.seed)
     model = FlowPlusPlus(config).to(device)
+    if settings.bf16:
+        model.set_autocast(torch.bfloat16)
     ema: FlowPlusPlus | None = None
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                            betas=config.adam_betas, eps=config.adam_eps)
@@ -246,7 +249,7 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
         if recipe:
             say(f"resuming with a changed training recipe: {'; '.join(recipe)}")
         model.load_state_dict(ck["model"])
-        ema = copy.deepcopy(model)
+        ema = copy.deepcopy(model)  # a copy keeps the autocast setting
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         state.update(ck["train_state"])
