@@ -9,7 +9,9 @@ import math
 
 from .configs import FlowConfig
 
-__all__ = ["learning_rate"]
+__all__ = ["learning_rate", "COSINE_WARMUP_FRACTION"]
+
+COSINE_WARMUP_FRACTION = 0.05
 
 
 def _warmup(step: int, warmup_steps: int, peak: float) -> float:
@@ -22,12 +24,14 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
     if cfg.lr_schedule == "constant":
         return _warmup(s, cfg.warmup_steps, cfg.lr)
     if cfg.lr_schedule == "cosine":
-        if s < cfg.warmup_steps:
-            return _warmup(s, cfg.warmup_steps, cfg.lr)
+        # Budget-aware: warm up over warmup_steps or the first 5% of the budget, whichever ends
+        # first (a short run must not spend itself warming up), then cosine-decay to min_lr at
+        # the end of the budget (steps or wall-clock).
         if progress is None:
-            return cfg.lr
+            return _warmup(s, cfg.warmup_steps, cfg.lr)
         p = min(max(progress, 0.0), 1.0)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * p))
+        warm = min(1.0, max(s / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0, p / COSINE_WARMUP_FRACTION))
+        return warm * (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * p)))
     if cfg.lr_schedule == "imagenet32":
         # Warm up to the peak, hold until 10x the warm-up, then x0.99995 per step down to min_lr.
         hold_end = 10 * cfg.warmup_steps

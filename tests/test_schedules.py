@@ -1,0 +1,46 @@
+import pytest
+
+import flowpp
+from flowpp.schedules import learning_rate
+
+
+def test_constant_schedule_warms_up_linearly_then_holds():
+    cfg = flowpp.get_config("cifar10")
+    assert learning_rate(cfg, 0) == 0.0
+    assert learning_rate(cfg, 1000) == pytest.approx(1.5e-4)
+    assert learning_rate(cfg, 2000) == learning_rate(cfg, 500_000) == pytest.approx(3e-4)
+
+
+def test_imagenet32_schedule():
+    cfg = flowpp.get_config("imagenet32")
+    assert learning_rate(cfg, 2500) == pytest.approx(5e-4)
+    assert learning_rate(cfg, 50_000) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60_000) == pytest.approx(1e-3 * 0.99995 ** 10_000)
+    assert learning_rate(cfg, 10**6) == pytest.approx(3e-4)
+
+
+def test_imagenet64_schedule_is_defined_everywhere_and_never_negative():
+    cfg = flowpp.get_config("imagenet64")
+    # the official code returns None exactly at these boundaries and a negative rate in (280k, 290k)
+    for step in (10_000, 50_000, 55_000, 230_000, 240_000, 280_000, 285_000, 290_000):
+        lr = learning_rate(cfg, step)
+        assert lr is not None and lr >= 0, step
+    assert learning_rate(cfg, 5_000) == pytest.approx(2e-4)
+    assert learning_rate(cfg, 30_000) == pytest.approx(4e-4)
+    assert learning_rate(cfg, 100_000) == pytest.approx(3e-4)
+    assert learning_rate(cfg, 235_000) == pytest.approx(5e-6)
+    assert learning_rate(cfg, 260_000) == pytest.approx(1e-5)
+    assert learning_rate(cfg, 285_000) == pytest.approx(5e-7)
+    assert learning_rate(cfg, 400_000) == pytest.approx(1e-6)
+
+
+def test_cosine_schedule_knows_the_budget():
+    cfg = flowpp.get_config("mnist")
+    peak = cfg.lr
+    # a short budget: warm-up ends at 5% of it even though warmup_steps is not reached
+    assert learning_rate(cfg, 10, progress=0.05) == pytest.approx(peak * (1 + __import__("math").cos(0.05 * 3.14159265)) / 2, rel=1e-4)
+    assert learning_rate(cfg, 1, progress=0.01) < 0.25 * peak
+    assert learning_rate(cfg, 5000, progress=0.5) == pytest.approx(cfg.min_lr + (peak - cfg.min_lr) / 2)
+    assert learning_rate(cfg, 9999, progress=1.0) == pytest.approx(cfg.min_lr)
+    values = [learning_rate(cfg, int(p * 2000), progress=p) for p in [i / 100 for i in range(5, 101)]]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # decays monotonically after warm-up
