@@ -72,6 +72,7 @@ class FlowConfig:
     lr_schedule: str = "constant"  # "constant" | "imagenet32" | "imagenet64" | "cosine"
     min_lr: float = 0.0
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)): the EMA forgets the first steps
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -126,7 +127,8 @@ class FlowConfig:
 
 # Fields of the training recipe: a run may be resumed with other values for these.
 TRAINING_FIELDS = frozenset({
-    "batch_size", "init_batch_size", "lr", "warmup_steps", "lr_schedule", "min_lr", "ema_decay", "grad_clip",
+    "batch_size", "init_batch_size", "lr", "warmup_steps", "lr_schedule", "min_lr", "ema_decay", "ema_warmup",
+    "grad_clip",
     "adam_betas", "adam_eps",
 })
 
@@ -225,12 +227,15 @@ register_config(FlowConfig(
 
 register_config(FlowConfig(
     name="mnist", image_shape=(1, 28, 28), num_levels=256,
-    layout=("stripe x4", "squeeze", "channel x2", "stripe x2"),
-    filters=48, blocks=2, components=8, heads=4, dropout=0.0,
-    dequant_layout=("stripe x2",), dequant_filters=32, dequant_blocks=1, dequant_components=8,
-    context_channels=16, context_blocks=2,
-    batch_size=64, init_batch_size=256, lr=2e-3, warmup_steps=200, lr_schedule="cosine", ema_decay=0.995,
-    notes="any 28x28x1 data on a CPU",
+    # Attention only after the squeeze (196 and 98 positions per half, not 392): at full
+    # resolution it tripled the cost of a step for little gain within a short budget.
+    layout=("stripe x4 no-attention", "squeeze", "channel x2", "stripe x2"),
+    filters=32, blocks=2, components=8, heads=4, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=16, dequant_blocks=1, dequant_components=8,
+    dequant_mixer="none", context_channels=16, context_blocks=2,
+    batch_size=32, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
+    ema_warmup=True,
+    notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
 ))
 
 register_config(FlowConfig(

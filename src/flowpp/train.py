@@ -439,7 +439,10 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
             state["images_seen"] += config.batch_size
             if finite:
                 opt.step()
-                ema_update(ema, model, config.ema_decay)
+                decay = config.ema_decay
+                if config.ema_warmup:  # short runs: an average over the steps so far, up to ema_decay
+                    decay = min(decay, (1.0 + step) / (10.0 + step))
+                ema_update(ema, model, decay)
                 bad_in_row = 0
                 window_bpd.append(global_bpd)
                 grad_norm_val = float(grad_norm)
