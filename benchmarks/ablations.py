@@ -34,11 +34,11 @@ same images with a paired standard error) and, when matplotlib is installed (the
 extra), ``curves_images.png``, ``curves_time.png`` and ``gap.png``. ``--plot-only`` rebuilds
 them from the run directories.
 
-Budget, on 2 CPU cores (measured with one torch thread per process: the ``mnist`` preset trains
-at about 9 images/s and evaluates at about 30, ``cifar10-small`` at about 6 and 20): 8 runs of
-4 training minutes each, with the final evaluation on 64 (MNIST) or 48 (CIFAR) images at S = 64,
-take about an hour per dataset. That is a few thousand images per run, so the presets' warm-up
-is shortened and the batch halved or quartered with ``--set`` (the same for all variants).
+Budget: 8 runs of M training minutes each plus their evaluations (S = 64 importance samples per
+image is 64 forward passes, so keep ``--eval-images`` small) take about 8 (M + 1.5) minutes on
+2 CPU cores; measure the preset's images/s first (``flowpp train ... --max-steps 50``). With a
+few thousand images per run, shorten the presets' warm-up with ``--set`` (the same for all
+variants).
 Several torch threads on a busy machine are many times slower than one: pass ``--threads 1``
 unless the cores are idle (and, e.g., run two datasets side by side). With less than an epoch
 per run the train/report gap is near zero by construction; ``--train-images N`` trains on the
@@ -69,7 +69,7 @@ except ImportError:  # run from a source checkout without installing
 import numpy as np
 import torch
 
-from flowpp.configs import FlowConfig
+from flowpp.configs import FlowConfig, parse_override
 
 VARIANTS = ("full", "uniform-dequant", "affine", "no-attention")
 
@@ -186,28 +186,11 @@ def variant_summary(variants: dict[str, FlowConfig], count: Callable[[FlowConfig
 
 # --- small helpers -------------------------------------------------------------------------------
 
-def _json_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def apply_overrides(config: FlowConfig, overrides: list[str]) -> FlowConfig:
-    changes = {}
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        changes[key.strip()] = _json_value(value)
-    fields = set(config.to_dict())
-    unknown = sorted(set(changes) - fields)
-    if unknown:
-        raise SystemExit(f"--set: unknown config field(s) {unknown}; known: {', '.join(sorted(fields))}")
-    for key in ("image_shape", "layout", "dequant_layout", "adam_betas"):
-        if key in changes:
-            changes[key] = tuple(changes[key])
-    return config.replace(**changes) if changes else config
+    try:
+        return config.with_changes(dict(parse_override(item) for item in overrides))
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:

@@ -19,14 +19,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _parse_override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
+    from .configs import parse_override
+
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key.strip(), parsed
+        return parse_override(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--set: {e}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -165,14 +163,7 @@ def _resolve_config(args):
         changes["batch_size"] = args.batch_size
     if args.lr is not None:
         changes["lr"] = args.lr
-    fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(changes) - fields)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known: {', '.join(sorted(fields))}")
-    for key in ("image_shape", "layout", "dequant_layout", "adam_betas"):
-        if key in changes:
-            changes[key] = tuple(changes[key])
-    return config.replace(**changes) if changes else config
+    return config.with_changes(changes)
 
 
 def _default_dataset(config) -> str | None:

@@ -8,13 +8,26 @@ through JSON for run directories and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FlowConfig", "TRAINING_FIELDS", "get_config", "list_configs", "register_config", "parse_stage"]
+__all__ = ["FlowConfig", "TRAINING_FIELDS", "get_config", "list_configs", "register_config", "parse_stage",
+           "parse_override"]
 
 _STAGE = re.compile(r"^(stripe|channel) x(\d+)( no-attention)?$|^squeeze$")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'filters=64' -> ('filters', 64); values are JSON when they parse as JSON, else strings."""
+    if "=" not in text:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def parse_stage(token: str) -> tuple[str, int, bool]:
@@ -117,6 +130,16 @@ class FlowConfig:
 
     def replace(self, **changes) -> "FlowConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_changes(self, changes: dict[str, Any]) -> "FlowConfig":
+        """Like :meth:`replace`, from plain (e.g. JSON) values: lists become tuples and unknown
+        field names are a ValueError that lists the known ones."""
+        if not changes:
+            return self
+        unknown = sorted(set(changes) - set(self.to_dict()))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known: {', '.join(sorted(self.to_dict()))}")
+        return FlowConfig.from_dict({**self.to_dict(), **changes})
 
     def architecture_differences(self, other: "FlowConfig") -> list[str]:
         """Fields that change the model's parameters or its function, as 'field: a vs b'."""
@@ -225,7 +248,7 @@ register_config(FlowConfig(
     notes="scikit-learn's 8x8 digits (17 levels), trains in minutes on a CPU",
 ))
 
-register_config(FlowConfig(
+MNIST = register_config(FlowConfig(
     name="mnist", image_shape=(1, 28, 28), num_levels=256,
     # Attention only after the squeeze (196 and 98 positions per half, not 392): at full
     # resolution it tripled the cost of a step for little gain within a short budget.
@@ -238,14 +261,7 @@ register_config(FlowConfig(
     notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
 ))
 
-register_config(FlowConfig(
-    name="cifar10-small", image_shape=(3, 32, 32), num_levels=256,
-    # The mnist preset's recipe at 32x32x3: attention only after the squeeze.
-    layout=("stripe x4 no-attention", "squeeze", "channel x2", "stripe x2"),
-    filters=32, blocks=2, components=8, heads=4, dropout=0.0,
-    dequant_layout=("stripe x2",), dequant_filters=16, dequant_blocks=1, dequant_components=8,
-    dequant_mixer="none", context_channels=16, context_blocks=2,
-    batch_size=32, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
-    ema_warmup=True,
+register_config(MNIST.replace(
+    name="cifar10-small", image_shape=(3, 32, 32),
     notes="32x32x3 data on a CPU: the mnist preset's recipe",
 ))
