@@ -300,6 +300,8 @@ class Bench:
             state = None
         cfg = self.cfg
         self.model = flowpp.FlowPlusPlus(cfg).to(self.device, self.dtype)
+        if a.activation_checkpointing:
+            self.model.set_activation_checkpointing(True)
         if state is not None:
             self.model.load_state_dict(state)
         self.num_params = sum(p.numel() for p in self.model.parameters())
@@ -497,6 +499,8 @@ class Bench:
             cmd += ["--checkpoint", a.checkpoint, "--weights", a.weights] if a.checkpoint else ["--config", a.config]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
+            if a.activation_checkpointing:
+                cmd += ["--activation-checkpointing"]
             if a.data:
                 cmd += ["--data", a.data]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -697,6 +701,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="conditioners under bf16 autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the conditioner networks")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the conditioner networks in the backward pass (less training memory)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--data", default=None, help="npz with uint8 NHWC 'x_train' (default: the shared CIFAR-10 "
                    "sample next to the repository, for 32x32x3 configs, when present)")

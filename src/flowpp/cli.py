@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--bf16", action="store_true", help="run the conditioner networks under bfloat16 autocast "
                    "(for GPUs with bf16; the mixture math and log-dets stay float32)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the conditioner networks in the backward pass: far less memory, ~1/3 more time")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and settings, then exit")
 
     # eval -----------------------------------------------------------------------------------
@@ -193,7 +195,8 @@ def cmd_train(args) -> int:
         eval_minutes=args.eval_minutes, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every, seed=args.seed, device=args.device,
         eval_images=args.eval_images, keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
-        progress=not args.no_progress, bf16=args.bf16, dataset=str(data),
+        progress=not args.no_progress, bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing, dataset=str(data),
     )
     if args.dry_run:
         print(json.dumps({"config": config.to_dict(), "settings": dataclasses.asdict(settings)}, indent=2,

@@ -128,6 +128,16 @@ class FlowPlusPlus(nn.Module):
                 m.autocast_dtype = dtype
         return self
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> "FlowPlusPlus":
+        """Recompute each conditioner network in the backward pass instead of storing its
+        activations: much less training memory for about one more forward pass of compute."""
+        from .nets import Conditioner
+
+        for m in self.modules():
+            if isinstance(m, Conditioner):
+                m.activation_checkpointing = enabled
+        return self
+
     # --- input checks -----------------------------------------------------------------------
 
     def check_images(self, x: Tensor) -> None:

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .ddi import DataDependentInit
@@ -227,6 +228,7 @@ class _Autocast:
     """
 
     autocast_dtype: torch.dtype | None = None
+    activation_checkpointing: bool = False
 
     def _autocast(self, x: Tensor):
         if self.autocast_dtype is None:
@@ -265,6 +267,16 @@ class Conditioner(nn.Module, _Autocast):
                                    weight_norm=weight_norm)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled() and not self._ddi_pending():
+            # Keep only this network's input for the backward pass and recompute the rest there:
+            # activation memory falls from all blocks of all couplings to one network at a time.
+            return torch.utils.checkpoint.checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _ddi_pending(self) -> bool:
+        return any(getattr(m, "_ddi_active", False) for m in (self.proj_in, self.proj_out))
+
+    def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         with self._autocast(x):
             h = self.proj_in(x)
             for block in self.blocks:

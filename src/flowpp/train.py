@@ -58,6 +58,7 @@ class TrainSettings:
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last checkpoint
     progress: bool = True
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
+    activation_checkpointing: bool = False  # recompute conditioners in the backward pass (less memory)
     dataset: str = ""
     dataset_description: str = ""
     extra: dict = field(default_factory=dict)
@@ -231,6 +232,8 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
     model = FlowPlusPlus(config).to(device)
     if settings.bf16:
         model.set_autocast(torch.bfloat16)
+    if settings.activation_checkpointing:
+        model.set_activation_checkpointing(True)
     ema: FlowPlusPlus | None = None
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                            betas=config.adam_betas, eps=config.adam_eps)
