@@ -202,7 +202,11 @@ class FlowPlusPlus(nn.Module):
         return z
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latents -> continuous images in [0, L]; the exact inverse of :meth:`encode`."""
+        """Latents -> continuous images; the exact inverse of :meth:`encode`.
+
+        Images of the data lie in [0, L]; an arbitrary z (e.g. a sample) maps into the slightly
+        wider range (-L/18, L + L/18) that the logit pre-processing's margins allow, which
+        :meth:`sample` clips to [0, L)."""
         x, _ = self.flow.inverse(z)
         return x
 
