@@ -267,14 +267,12 @@ class Conditioner(nn.Module, _Autocast):
                                    weight_norm=weight_norm)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if self.activation_checkpointing and torch.is_grad_enabled() and not self._ddi_pending():
+        # (Data-dependent init runs under no_grad, so it never takes the checkpointed path.)
+        if self.activation_checkpointing and torch.is_grad_enabled():
             # Keep only this network's input for the backward pass and recompute the rest there:
             # activation memory falls from all blocks of all couplings to one network at a time.
             return torch.utils.checkpoint.checkpoint(self._forward, x, context, use_reentrant=False)
         return self._forward(x, context)
-
-    def _ddi_pending(self) -> bool:
-        return any(getattr(m, "_ddi_active", False) for m in (self.proj_in, self.proj_out))
 
     def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         with self._autocast(x):
