@@ -87,3 +87,26 @@ def test_gpu_check_quick_cpu(tmp_path):
     assert (out / "summary.txt").read_text().strip()
     doc = json.loads((out / "cifar10_b64_fp32.json").read_text())
     assert doc["metrics"]["train_img_per_s"]["value"] > 0
+
+
+def test_flop_count_includes_cpu_attention():
+    """The CPU flash-attention kernel is counted (FlopCounterMode alone counts it as zero)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    bench.register_cpu_attention_flops()
+    b, h, n, m, d = 2, 3, 16, 24, 8
+    q = torch.randn(b, h, n, d, requires_grad=True)
+    k, v = torch.randn(b, h, m, d, requires_grad=True), torch.randn(b, h, m, d, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert fc.get_total_flops() == 4 * b * h * n * m * d
+    with FlopCounterMode(display=False) as fc:
+        out.sum().backward()
+    assert fc.get_total_flops() == 10 * b * h * n * m * d  # five matmuls: scores recomputed, dV, dP, dQ, dK
