@@ -164,3 +164,21 @@ def test_end_to_end_study_resume_and_plot_only(ablations, tmp_path, restore_thre
 def test_plot_only_without_runs_fails_clearly(ablations, tmp_path):
     with pytest.raises(SystemExit, match="no finished runs"):
         ablations.main(["--out", str(tmp_path), "--plot-only"], log=lambda m: None)
+
+
+def test_paired_delta_pairs_images_and_reports_each_seed(ablations):
+    def run(variant, seed, values):
+        return dict(variant=variant, seed=seed, report=dict(per_image_iw_bpd=list(values), per_image_bpd=list(values)))
+
+    full0, full1 = [3.0, 4.0, 5.0, 6.0], [3.1, 4.2, 4.9, 6.3]
+    results = [run("full", 0, full0), run("full", 1, full1),
+               run("affine", 0, [v + d for v, d in zip(full0, (0.10, 0.12, 0.08, 0.10))]),
+               run("affine", 1, [v + 0.2 for v in full1])]
+    d = ablations.paired_delta(results, "affine")
+    assert d["per_seed"] == pytest.approx([0.10, 0.20])
+    assert d["mean"] == pytest.approx(0.15) and d["seed_sd"] == pytest.approx(np.std([0.1, 0.2], ddof=1))
+    # The image-to-image spread (values 3..6) cancels: only the spread of the differences is left.
+    se0 = np.std([0.10, 0.12, 0.08, 0.10], ddof=1) / 2
+    assert d["se"] == pytest.approx(np.sqrt(se0 ** 2 + 0.0) / 2)
+    assert ablations._delta(d) == "+0.150 ± 0.004 (seeds +0.100, +0.200)"
+    assert ablations.paired_delta(results, "no-attention") is None
