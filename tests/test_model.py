@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import math
 
 import pytest
@@ -434,3 +435,30 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_networks_gives_the_same_numbers():
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = flowpp.FlowPlusPlus(flowpp.get_config("tiny")).eval()
+    x = torch.randint(0, 256, (4, 3, 8, 8))
+    model.initialize(x)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model.log_prob(x, generator=torch.Generator().manual_seed(0))
+        z = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(1))
+        ref_decoded = model.decode(z)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_networks()
+    with torch.no_grad():
+        got = model.log_prob(x, generator=torch.Generator().manual_seed(0))
+        decoded = model.decode(z)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(decoded, ref_decoded, rtol=1e-5, atol=1e-4)
+    assert list(model.state_dict()) == keys  # checkpoints are unchanged
+    torch._dynamo.reset()

@@ -18,6 +18,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+_COMPILE_HELP = ("torch.compile the conditioner networks first: faster over many images, after the first batch "
+                 "of each shape compiles (needs a C++ compiler on CPU)")
+
 def _parse_override(text: str) -> tuple[str, object]:
     from .configs import parse_override
 
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda")
     e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    e.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
     e.add_argument("--out", default=None, help="JSON file (default: RUN/eval-<data>-<split>-S<S>.json)")
     e.add_argument("--no-download", action="store_true", help="never download")
 
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=_positive_int, default=1, help="enlarge the grid by this integer factor")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    s.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
     s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     # score ----------------------------------------------------------------------------------
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--seed", type=int, default=0, help="seed of the dequantization noise")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    c.add_argument("--compile", action="store_true", help=_COMPILE_HELP)
     c.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
     # export ---------------------------------------------------------------------------------
@@ -232,6 +238,8 @@ def cmd_eval(args) -> int:
 
     device = resolve_device(args.device)
     model, info = load_run(args.run, device, log=print)
+    if args.compile:
+        model.compile_networks()
     ds = load_dataset(args.data, args.split, data_dir=args.data_dir, download=not args.no_download)
     x = torch.from_numpy(ds.images.transpose(0, 3, 1, 2).copy())
     if args.limit:
@@ -270,6 +278,8 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     device = resolve_device(args.device)
     model, info = load_run(args.run, device)
+    if args.compile:
+        model.compile_networks()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     chunks = []
     for i in range(0, args.num, args.batch_size):
@@ -292,6 +302,8 @@ def cmd_score(args) -> int:
 
     device = resolve_device(args.device)
     model, info = load_run(args.run, device)
+    if args.compile:
+        model.compile_networks()
     rows = score_files(model, args.images, samples=args.samples, seed=args.seed, device=device)
     if args.json:
         print(json.dumps({"run": str(args.run), "checkpoint": info["checkpoint"], "samples": args.samples,

