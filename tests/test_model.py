@@ -407,8 +407,8 @@ def test_bf16_autocast_of_the_conditioners_keeps_mixture_math_in_float32():
         u2, ild = coupling.inverse(v)
     assert torch.equal(u2[0], u[0]) and (u2[1] - u[1]).abs().max() < 1e-4 and (ld + ild).abs().max() < 1e-3
     # Through the whole flow the float32 inverse error (~1e-6) can flip a bf16 rounding of a
-    # later conditioner's input, which moves its output by a bf16 step: round trips are only
-    # approximate with bf16 conditioners, so sampling reports float32 accuracy only without it.
+    # later conditioner's input, which moves its output by a bf16 step, so whole-model round
+    # trips with bf16 conditioners are only approximate (0.18 px on this model).
     y = x.float() + 0.5
     assert (model.decode(model.encode(y)) - y).abs().max() < 1.0
     model.set_autocast(None)
@@ -453,12 +453,14 @@ def test_compile_networks_gives_the_same_numbers():
         ref_decoded = model.decode(z)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model.compile_networks()
-    with torch.no_grad():
-        got = model.log_prob(x, generator=torch.Generator().manual_seed(0))
-        decoded = model.decode(z)
+    try:
+        model.compile_networks()
+        with torch.no_grad():
+            got = model.log_prob(x, generator=torch.Generator().manual_seed(0))
+            decoded = model.decode(z)
+    finally:
+        torch._dynamo.reset()  # no compiled graphs left for later tests
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(decoded, ref_decoded, rtol=1e-5, atol=1e-4)
     assert list(model.state_dict()) == keys  # checkpoints are unchanged
-    torch._dynamo.reset()

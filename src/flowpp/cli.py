@@ -21,6 +21,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 _COMPILE_HELP = ("torch.compile the conditioner networks first: faster over many images, after the first batch "
                  "of each shape compiles (needs a C++ compiler on CPU)")
 
+
 def _parse_override(text: str) -> tuple[str, object]:
     from .configs import parse_override
 

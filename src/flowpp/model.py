@@ -139,7 +139,8 @@ class FlowPlusPlus(nn.Module):
         unchanged. Each new input shape compiles first (16 s for ``cifar10`` with a warm cache,
         longer the first time). On CPU this needs a C++ compiler.
         Call it after ``initialize`` and after any copies (EMA) are made; parameters and
-        ``state_dict`` keys are unchanged.
+        ``state_dict`` keys are unchanged. It raises dynamo's process-wide cache limit to fit
+        one compiled graph per network and input shape.
         """
         import torch._dynamo
 

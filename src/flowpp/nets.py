@@ -1,11 +1,14 @@
 """Conditioner networks: gated convolutions, gated multi-head self-attention and layer norm.
 
 Tensors are NCHW in shape. Inside a network they are kept channels-last in memory (NHWC strides):
-3x3 convolutions run 1.5-2x faster that way on CPU, a 1x1 convolution is then one matrix
-product over all pixels with the bias fused, and layer norm over channels reads contiguous
-rows. Networks convert once at their input and hand back NCHW-contiguous outputs. Every convolution starts from N(0, 0.05) weights and is rescaled on the
-first batch (see :mod:`flowpp.ddi`) so that its output has zero mean and standard deviation
-``init_scale`` per channel: 1.0 by default, 0.1 for the gate projections and the last layer,
+a 1x1 convolution is then one matrix product over all pixels with the bias fused, its output
+and everything after it stay contiguous, and layer norm over channels reads contiguous rows
+(a no-grad CIFAR-10 pass was 17% faster in paired one-thread runs). Networks convert once at
+their input and hand back NCHW-contiguous outputs.
+
+Every convolution starts from N(0, 0.05) weights and is rescaled on the first batch (see
+:mod:`flowpp.ddi`) so that its output has zero mean and standard deviation ``init_scale`` per
+channel: 1.0 by default, 0.1 for the gate projections and the last layer,
 which makes every coupling start close to the identity.
 """
 from __future__ import annotations
