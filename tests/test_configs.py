@@ -22,7 +22,13 @@ PARAMETER_COUNTS = {
     "cifar10-uniform-dequant": 32_324_408,
     "cifar10-affine": 32_045_708,
     "cifar10-no-attention": 31_443_440,
+    # the release's n-bit launchers
+    "imagenet64-5bit": 73_489_960,
+    "celeba64-5bit": 73_489_960,
+    "celeba64-3bit": 73_489_960,
+    "celeba128-5bit": 122_790_952,
 }
+N_BIT_LEVELS = {"imagenet64-5bit": 32, "celeba64-5bit": 32, "celeba64-3bit": 8, "celeba128-5bit": 32}
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +174,30 @@ def test_no_attention_stage_builds_conv_only_conditioners():
     has_attention = [any(isinstance(b, GatedAttention) for b in c.conditioner.modules()) for c in couplings]
     assert has_attention == [False, False, True, True, True]
     assert flowpp.count_parameters(cfg) < flowpp.count_parameters(flowpp.get_config("tiny"))
+
+
+@pytest.mark.parametrize("name", list(N_BIT_LEVELS))
+def test_n_bit_models_are_imagenet64_on_fewer_levels_in_float32(name):
+    cfg, ref = flowpp.get_config(name), flowpp.get_config("imagenet64")
+    assert cfg.num_levels == N_BIT_LEVELS[name] and not cfg.mixture_float64
+    assert cfg.official and cfg.grad_clip_units == "nats" and cfg.dropout == 0 and cfg.ema_decay == 0.999
+    for key in ("filters", "components", "dequant_layout", "dequant_blocks", "dequant_mixer", "context_blocks",
+                "dequant_frozen_pos_emb", "pointwise", "final_concat_elu"):
+        assert getattr(cfg, key) == getattr(ref, key), key
+    if name == "celeba128-5bit":
+        assert cfg.image_shape == (3, 128, 128) and cfg.layout == ("squeeze",) + ref.layout and cfg.blocks == 12
+    else:
+        assert cfg.image_shape == ref.image_shape and cfg.layout == ref.layout and cfg.blocks == ref.blocks
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet32", "imagenet64", "cifar10-affine", "celeba64-3bit"])
+def test_paper_configs_clip_on_the_nats_scale(name):
+    assert flowpp.get_config(name).grad_clip_units == "nats"
+
+
+def test_configs_written_before_grad_clip_units_keep_the_bits_per_dim_scale():
+    d = flowpp.get_config("cifar10").to_dict()
+    del d["grad_clip_units"]
+    assert FlowConfig.from_dict(d).grad_clip_units == "bpd"
+    with pytest.raises(ValueError, match="grad_clip_units='nat'"):
+        flowpp.get_config("tiny").replace(grad_clip_units="nat")

@@ -44,3 +44,26 @@ def test_cosine_schedule_knows_the_budget():
     assert learning_rate(cfg, 9999, progress=1.0) == pytest.approx(cfg.min_lr)
     values = [learning_rate(cfg, int(p * 2000), progress=p) for p in [i / 100 for i in range(5, 101)]]
     assert all(a >= b for a, b in zip(values, values[1:]))  # decays monotonically after warm-up
+
+
+def test_imagenet64_5bit_schedule_is_the_repaired_release_schedule():
+    cfg = flowpp.get_config("imagenet64-5bit")
+    for step in (10_000, 50_000, 110_000, 130_000):  # the release's boundaries: defined, never negative
+        assert learning_rate(cfg, step) >= 0
+    assert learning_rate(cfg, 5_000) == pytest.approx(2e-4)
+    assert learning_rate(cfg, 50_000) == pytest.approx(4e-4)
+    assert learning_rate(cfg, 52_000) == pytest.approx(4e-4 * 0.99995 ** 2_000)
+    assert learning_rate(cfg, 100_000) == pytest.approx(3e-4)
+    assert learning_rate(cfg, 120_000) == pytest.approx(5e-6)
+    assert learning_rate(cfg, 130_000) == learning_rate(cfg, 10**6) == pytest.approx(1e-5)
+
+
+def test_celeba_schedules():
+    c64 = flowpp.get_config("celeba64-5bit")
+    assert learning_rate(c64, 10_000) == pytest.approx(2e-5)
+    assert learning_rate(c64, 20_000) == learning_rate(c64, 50_000) == pytest.approx(4e-5)
+    assert learning_rate(c64, 51_000) == pytest.approx(4e-5 * 0.9995 ** 1_000)
+    assert learning_rate(c64, 60_000) == pytest.approx(1e-5)  # 0.9995^10k would be far below: floored
+    c128 = flowpp.get_config("celeba128-5bit")
+    assert learning_rate(c128, 25_000) == pytest.approx(5e-6)
+    assert learning_rate(c128, 50_000) == learning_rate(c128, 10**6) == pytest.approx(1e-5)

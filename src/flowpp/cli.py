@@ -18,6 +18,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+PAPER_EVAL_SAMPLES = 4096  # the official protocol: importance-weighted bound, S = 4096, test set
+
 _COMPILE_HELP = ("torch.compile the conditioner networks first: faster over many images, after the first batch "
                  "of each shape compiles (needs a C++ compiler on CPU)")
 
@@ -57,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "it is a dataset)")
     g.add_argument("--data-dir", default=None, help="where named datasets live (default: $FLOWPP_DATA_DIR or "
                    "~/.cache/flowpp/data)")
-    g.add_argument("--valid-split", default="valid", choices=["valid", "test"],
-                   help="split used for validation during training")
+    g.add_argument("--valid-split", default=None, choices=["valid", "test"],
+                   help="split used for validation during training; 'test' trains on train and valid together "
+                        "(for CIFAR-10 all 50,000 images) and validates on the test set, as the paper did "
+                        "(default: valid; with --resume, the run's)")
+    g.add_argument("--bits", type=int, default=None, choices=range(1, 9), metavar="N",
+                   help="reduce 8-bit data to N bits (x >> (8 - N)) and model 2^N levels (default: the config's "
+                        "levels; 8-bit data is reduced automatically for an n-bit config)")
     g.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
     g.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                    help="override a config field, e.g. --set filters=64 --set dropout=0.1 (repeatable)")
@@ -172,7 +179,14 @@ def _resolve_config(args):
         changes["batch_size"] = args.batch_size
     if args.lr is not None:
         changes["lr"] = args.lr
-    return config.with_changes(changes)
+    config = config.with_changes(changes)
+    if args.bits is not None:
+        levels = 2 ** args.bits
+        if config.num_levels not in (256, levels):
+            raise ValueError(f"--bits {args.bits} asks for {levels} levels, but config {config.name!r} models "
+                             f"{config.num_levels}")
+        config = config.replace(num_levels=levels)
+    return config
 
 
 def _default_dataset(config) -> str | None:
@@ -185,15 +199,17 @@ def _default_dataset(config) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from .data import load_dataset
+    from .data import load_dataset, match_levels
     from .train import TrainSettings, train
 
     config = _resolve_config(args)
-    data = args.data
-    if data is None and args.resume:
+    data, valid_split = args.data, args.valid_split
+    if args.resume:
         prev = Path(args.out) / "settings.json"
-        if prev.is_file():
-            data = json.loads(prev.read_text()).get("dataset") or None
+        saved = json.loads(prev.read_text()) if prev.is_file() else {}
+        data = data or saved.get("dataset") or None
+        valid_split = valid_split or saved.get("valid_split")
+    valid_split = valid_split or "valid"
     data = data or _default_dataset(config)
     if data is None:
         raise ValueError(f"--data is required for config {config.name!r}")
@@ -204,6 +220,8 @@ def cmd_train(args) -> int:
         eval_images=args.eval_images, keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
         progress=not args.no_progress, bf16=args.bf16,
         activation_checkpointing=args.activation_checkpointing, dataset=str(data),
+        # Validating on the test set leaves nothing to hold out: train on train and valid together.
+        train_split="train+valid" if valid_split == "test" else "train", valid_split=valid_split,
     )
     if args.dry_run:
         print(json.dumps({"config": config.to_dict(), "settings": dataclasses.asdict(settings)}, indent=2,
@@ -212,10 +230,13 @@ def cmd_train(args) -> int:
     if args.max_steps is None and args.max_minutes is None:
         raise ValueError("give --max-steps and/or --max-minutes")
     download = not args.no_download
-    train_set = load_dataset(data, "train", data_dir=args.data_dir, download=download)
-    valid_set = load_dataset(data, args.valid_split, data_dir=args.data_dir, download=download)
-    print(f"data: {train_set.description}: {len(train_set.images):,} train / {len(valid_set.images):,} "
-          f"{args.valid_split} images")
+    train_split = settings.train_split
+    train_set = match_levels(load_dataset(data, train_split, data_dir=args.data_dir, download=download),
+                             config.num_levels, log=print)
+    valid_set = match_levels(load_dataset(data, valid_split, data_dir=args.data_dir, download=download),
+                             config.num_levels)
+    print(f"data: {train_set.description}: {len(train_set.images):,} {train_split} / {len(valid_set.images):,} "
+          f"{valid_split} images")
     settings.dataset_description = train_set.description
     from .distributed import shutdown_distributed
 
@@ -232,7 +253,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from .atomic import write_json
-    from .data import load_dataset
+    from .data import load_dataset, match_levels
     from .evaluate import evaluate_bpd
     from .runs import load_run
     from .train import check_dataset_fits, resolve_device
@@ -241,7 +262,12 @@ def cmd_eval(args) -> int:
     model, info = load_run(args.run, device, log=print)
     if args.compile:
         model.compile_networks()
-    ds = load_dataset(args.data, args.split, data_dir=args.data_dir, download=not args.no_download)
+    ds = match_levels(load_dataset(args.data, args.split, data_dir=args.data_dir, download=not args.no_download),
+                      model.config.num_levels, log=print)
+    if model.config.official and args.samples < PAPER_EVAL_SAMPLES:
+        print(f"note: the paper reports the importance-weighted bound with S = {PAPER_EVAL_SAMPLES} on the test "
+              f"set; this is S = {args.samples}. For the paper's protocol: flowpp eval --run {args.run} "
+              f"--data {args.data} --split test --samples {PAPER_EVAL_SAMPLES}")
     x = torch.from_numpy(ds.images.transpose(0, 3, 1, 2).copy())
     if args.limit:
         x = x[: args.limit]

@@ -16,6 +16,8 @@ from typing import Any
 __all__ = ["FlowConfig", "TRAINING_FIELDS", "get_config", "list_configs", "register_config", "parse_stage",
            "parse_override"]
 
+LR_SCHEDULES = ("constant", "cosine", "imagenet32", "imagenet64", "imagenet64-5bit", "celeba64")
+
 _STAGE = re.compile(r"^(stripe|channel) x(\d+)( no-attention)?$|^squeeze$")
 
 
@@ -82,14 +84,22 @@ class FlowConfig:
     init_batch_size: int = 128
     lr: float = 3e-4
     warmup_steps: int = 2000
-    lr_schedule: str = "constant"  # "constant" | "imagenet32" | "imagenet64" | "cosine"
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES (flowpp.schedules)
     min_lr: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)): the EMA forgets the first steps
+    # The loss whose gradient is clipped at ``grad_clip`` (global norm) and handed to Adam:
+    # "nats" = mean negative log-likelihood in nats per image, as in the official code (its
+    # gradient is D ln 2 times larger, so the paper's runs clip nearly every step);
+    # "bpd" = the same loss in bits/dim. Metrics log the loss in bits/dim and the gradient norm
+    # on the nats scale either way.
     grad_clip: float = 1.0
+    grad_clip_units: str = "nats"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
 
+    # A model of the authors' release: `flowpp eval` then reminds of the paper's protocol.
+    official: bool = False
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -104,7 +114,7 @@ class FlowConfig:
                              ("mixer", ("attention", "pointwise", "none")),
                              ("dequant_mixer", ("attention", "pointwise", "none")),
                              ("context_mixer", ("attention", "pointwise", "none")),
-                             ("lr_schedule", ("constant", "imagenet32", "imagenet64", "cosine"))):
+                             ("lr_schedule", LR_SCHEDULES), ("grad_clip_units", ("nats", "bpd"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {self.name!r}: {key}={getattr(self, key)!r}, expected one of {allowed}")
 
@@ -123,6 +133,8 @@ class FlowConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         d = dict(d)
+        # Configs written before grad_clip_units existed clipped the bits/dim gradient.
+        d.setdefault("grad_clip_units", "bpd")
         for key in ("image_shape", "layout", "dequant_layout", "adam_betas"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -145,13 +157,13 @@ class FlowConfig:
         """Fields that change the model's parameters or its function, as 'field: a vs b'."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a
-                if k not in TRAINING_FIELDS and k not in ("name", "notes") and a[k] != b[k]]
+                if k not in TRAINING_FIELDS and k not in ("name", "notes", "official") and a[k] != b[k]]
 
 
 # Fields of the training recipe: a run may be resumed with other values for these.
 TRAINING_FIELDS = frozenset({
     "batch_size", "init_batch_size", "lr", "warmup_steps", "lr_schedule", "min_lr", "ema_decay", "ema_warmup",
-    "grad_clip",
+    "grad_clip", "grad_clip_units",
     "adam_betas", "adam_eps",
 })
 
@@ -183,7 +195,7 @@ CIFAR10 = register_config(FlowConfig(
     filters=96, blocks=10, components=32, dropout=0.2, pointwise=True,
     dequant_layout=("stripe x4",), dequant_filters=96, dequant_blocks=2, dequant_components=32,
     context_blocks=3, context_mixer="none", context_layer_norm=False,
-    batch_size=64, init_batch_size=128, lr=3e-4, warmup_steps=2000, ema_decay=0.999,
+    batch_size=64, init_batch_size=128, lr=3e-4, warmup_steps=2000, ema_decay=0.999, official=True,
     notes="official CIFAR-10 model, 31,443,440 parameters; 3.08 bits/dim (IW, S=4096)",
 ))
 
@@ -209,11 +221,11 @@ register_config(FlowConfig(
     dequant_layout=("stripe x4", "stripe x4"), dequant_filters=128, dequant_blocks=8, dequant_components=32,
     context_blocks=8, context_mixer="attention", context_layer_norm=True,
     batch_size=32, init_batch_size=32, lr=1e-3, warmup_steps=5000, lr_schedule="imagenet32", min_lr=3e-4,
-    ema_decay=0.999222,
+    ema_decay=0.999222, official=True,
     notes="official ImageNet 32x32 model, 168,955,724 parameters; 3.86 bits/dim",
 ))
 
-register_config(FlowConfig(
+IMAGENET64 = register_config(FlowConfig(
     name="imagenet64", image_shape=(3, 64, 64),
     layout=("squeeze", "stripe x4", "squeeze", "channel x2", "stripe x2", "squeeze", "channel x2", "stripe x2"),
     filters=96, blocks=16, components=4, dropout=0.0, pointwise=False, final_concat_elu=True,
@@ -222,8 +234,31 @@ register_config(FlowConfig(
     dequant_mixer="none", dequant_frozen_pos_emb=True,
     context_blocks=5, context_mixer="none", context_layer_norm=True,
     batch_size=72, init_batch_size=72, lr=4e-4, warmup_steps=10000, lr_schedule="imagenet64", min_lr=1e-6,
-    ema_decay=0.999,
+    ema_decay=0.999, official=True,
     notes="official ImageNet 64x64 model, 73,489,960 parameters; 3.69 bits/dim",
+))
+
+# The release's n-bit models: the ImageNet64 architecture on 2^n levels, with float32 mixture math.
+# LogitPreprocess and the context network scale by num_levels, so nothing else changes.
+register_config(IMAGENET64.replace(
+    name="imagenet64-5bit", num_levels=32, mixture_float64=False,
+    batch_size=60, init_batch_size=60, lr=4e-4, warmup_steps=10000, lr_schedule="imagenet64-5bit", min_lr=1e-5,
+    notes="official ImageNet 64x64 5-bit model (x // 8), 73,489,960 parameters",
+))
+CELEBA64_5BIT = register_config(IMAGENET64.replace(
+    name="celeba64-5bit", num_levels=32, mixture_float64=False,
+    batch_size=56, init_batch_size=56, lr=4e-5, warmup_steps=20000, lr_schedule="celeba64", min_lr=1e-5,
+    notes="official CelebA 64x64 5-bit model, 73,489,960 parameters",
+))
+register_config(CELEBA64_5BIT.replace(
+    name="celeba64-3bit", num_levels=8,
+    notes="official CelebA 64x64 3-bit model, 73,489,960 parameters",
+))
+register_config(IMAGENET64.replace(
+    name="celeba128-5bit", image_shape=(3, 128, 128), num_levels=32, mixture_float64=False,
+    layout=("squeeze",) + IMAGENET64.layout, blocks=12,
+    batch_size=48, init_batch_size=64, lr=1e-5, warmup_steps=50000, lr_schedule="constant", min_lr=0.0,
+    notes="official CelebA 128x128 5-bit model, 122,790,952 parameters",
 ))
 
 # --- Small presets for CPUs and tests -----------------------------------------------------------
@@ -234,7 +269,7 @@ register_config(FlowConfig(
     filters=8, blocks=1, components=4, heads=2, dropout=0.0,
     dequant_layout=("stripe x2",), dequant_filters=8, dequant_blocks=1, dequant_components=4,
     context_channels=4, context_blocks=1,
-    batch_size=8, init_batch_size=16, lr=1e-3, warmup_steps=10, ema_decay=0.9,
+    batch_size=8, init_batch_size=16, lr=1e-3, warmup_steps=10, ema_decay=0.9, grad_clip_units="bpd",
     notes="for tests only",
 ))
 
@@ -245,6 +280,7 @@ register_config(FlowConfig(
     dequant_layout=("stripe x2",), dequant_filters=32, dequant_blocks=1, dequant_components=8,
     context_channels=16, context_blocks=2,
     batch_size=64, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.99,
+    grad_clip_units="bpd",
     notes="scikit-learn's 8x8 digits (17 levels), trains in minutes on a CPU",
 ))
 
@@ -257,7 +293,7 @@ MNIST = register_config(FlowConfig(
     dequant_layout=("stripe x2",), dequant_filters=16, dequant_blocks=1, dequant_components=8,
     dequant_mixer="none", context_channels=16, context_blocks=2,
     batch_size=32, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
-    ema_warmup=True,
+    ema_warmup=True, grad_clip_units="bpd",
     notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
 ))
 

@@ -59,4 +59,26 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
         if s < 290_000:
             return 1e-6 * (s - 280_000) / 10_000
         return max(cfg.min_lr, 1e-6)
+    if cfg.lr_schedule == "imagenet64-5bit":
+        # The release's 5-bit ImageNet64 launcher, repaired as above (it returns no rate at its
+        # boundary steps): warm up to 4e-4 over 10k, hold to 50k, x0.99995 per step down to
+        # 3e-4, hold to 110k, ramp 0 -> 1e-5 over 110k-130k, then hold at 1e-5 (min_lr).
+        w = cfg.warmup_steps
+        if s < w:
+            return _warmup(s, w, cfg.lr)
+        if s <= 5 * w:
+            return cfg.lr
+        if s < 110_000:
+            return max(cfg.lr * 0.99995 ** (s - 5 * w), 3e-4)
+        if s < 130_000:
+            return cfg.min_lr * (s - 110_000) / 20_000
+        return cfg.min_lr
+    if cfg.lr_schedule == "celeba64":
+        # The release's CelebA 64x64 launchers: warm up to the peak, hold to 50k steps, then
+        # x0.9995 per step down to min_lr.
+        if s < cfg.warmup_steps:
+            return _warmup(s, cfg.warmup_steps, cfg.lr)
+        if s <= 50_000:
+            return cfg.lr
+        return max(cfg.lr * 0.9995 ** (s - 50_000), cfg.min_lr)
     raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")

@@ -17,10 +17,13 @@ def to_levels(image: np.ndarray, num_levels: int, *, eight_bit: bool) -> np.ndar
     """An (H, W, C) uint8 image -> integer levels in [0, L).
 
     8-bit files (PNG/JPEG) are rescaled to L levels, the inverse of the display scaling used for
-    sample grids; arrays from .npz files are taken as levels already.
+    sample grids; for L = 2^n that is ``x >> (8 - n)``, the reduction the n-bit models were
+    trained with. Arrays from .npz files are taken as levels already.
     """
     if num_levels == 256 or not eight_bit:
         return image.astype(np.int64)
+    if num_levels & (num_levels - 1) == 0:
+        return image.astype(np.int64) >> (8 - (num_levels.bit_length() - 1))
     return np.round(image.astype(np.float64) * (num_levels - 1) / 255.0).astype(np.int64)
 
 

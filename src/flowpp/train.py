@@ -31,7 +31,8 @@ from .images import save_grid
 from .model import FlowPlusPlus
 from .schedules import learning_rate
 
-__all__ = ["TrainSettings", "train", "resolve_device", "ema_update", "batch_iterator", "METRIC_FIELDS"]
+__all__ = ["TrainSettings", "train", "resolve_device", "ema_update", "batch_iterator", "backward_and_clip",
+           "METRIC_FIELDS"]
 
 METRIC_FIELDS = ["step", "images_seen", "train_bpd", "valid_bpd", "lr", "img_per_s", "inverse_error",
                  "grad_norm", "skipped_steps", "rollbacks", "train_seconds", "wall_seconds"]
@@ -60,6 +61,8 @@ class TrainSettings:
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
     activation_checkpointing: bool = False  # recompute conditioners in the backward pass (less memory)
     dataset: str = ""
+    train_split: str = "train"  # "train+valid" when validating on the test set
+    valid_split: str = "valid"
     dataset_description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -82,6 +85,23 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(e, m, 1.0 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
+
+
+def backward_and_clip(loss_bpd: Tensor, parameters, config: FlowConfig) -> Tensor:
+    """Backpropagate a bits/dim loss in the units of ``config.grad_clip_units`` and clip the
+    global gradient norm at ``config.grad_clip``; return the norm before clipping, on the
+    official scale (the gradient of the loss in nats per image) whatever the units.
+
+    The units matter beyond the clipping threshold: Adam's epsilon acts on the gradient it is
+    given, so "nats" reproduces the official optimisation exactly.
+    """
+    nats_per_bpd = config.num_dims * math.log(2.0)
+    parameters = list(parameters)
+    if config.grad_clip_units == "nats":
+        (loss_bpd * nats_per_bpd).backward()
+        return torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    loss_bpd.backward()
+    return torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip) * nats_per_bpd
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -420,8 +440,7 @@ def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray 
             if step_hook is not None:
                 loss = step_hook(step, loss)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            grad_norm = backward_and_clip(loss, model.parameters(), config)
             ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
             if info.enabled:
                 # Every rank must agree to step or to skip, and to stop on a signal (else the

@@ -232,8 +232,14 @@ def test_unknown_dataset_and_split(tmp_path):
     assert issubclass(DatasetError, ValueError)
 
 
-def test_dataset_names():
-    assert set(DATASET_NAMES) == {"cifar10", "mnist", "fashion-mnist", "imagenet32", "imagenet64", "digits"}
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_every_named_dataset_loads_or_says_which_file_to_place(name, tmp_path):
+    if name == "digits":  # bundled with scikit-learn: always there
+        assert load_dataset(name, "test", data_dir=tmp_path, log=None).num_levels == 17
+        return
+    with pytest.raises(DatasetError) as err:
+        load_dataset(name, "train", data_dir=tmp_path, download=False, log=None)
+    assert str(tmp_path) in str(err.value) and ("not found" in str(err.value) or "Place" in str(err.value))
 
 
 def test_data_dir_env_default(tmp_path, fmt, monkeypatch):

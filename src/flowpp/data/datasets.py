@@ -12,17 +12,23 @@ mnist,             train-images: first 55,000 / last 5,000      t10k-images (10,
 fashion-mnist
 imagenet32/64      training archive minus / its last 10,000     official validation archive
 digits             first 1,437 rows: first 1,293 / last 144     last 360 rows
+celeba64-5bit,     the release's .npy: all but the last 4,000 /  its last 3,000
+celeba64-3bit,     the 1,000 before the last 3,000
+celeba128-5bit
 file.npz           x_train / x_valid, else last ceil(10%) of    x_test
                    x_train (at most 5,000)
 folder of PNGs     train/ / valid/, else last ceil(10%) of      test/, else = valid
                    train/ (or of all images)
 =================  ==========================================  ==========================
 
-(The hold-out sizes come from :data:`VALID_SIZES`.)  Named datasets live in
+(The hold-out sizes come from :data:`VALID_SIZES`.)  The split ``"train+valid"`` is the
+whole training source, train and valid together (e.g. the official CIFAR-10 protocol: all
+50,000 training images, validated on the test set).  :func:`match_levels` reduces 8-bit
+data to n bits (``x >> (8 - n)``) for models of 2^n levels.  Named datasets live in
 ``<data_dir>/<name>/``; ``data_dir`` defaults to ``$FLOWPP_DATA_DIR`` or
 ``~/.cache/flowpp/data``.  CIFAR-10, MNIST and Fashion-MNIST are downloaded
 when absent (verified by MD5); nothing touches the network when the files are
-present.  ImageNet must be placed by hand (its sites need a login).
+present.  ImageNet and the release's pre-quantized CelebA files must be placed by hand.
 """
 
 from __future__ import annotations
@@ -41,13 +47,16 @@ from .formats import (NpzReader, SafeTar, cifar_batch_images, decode_image, pars
 
 __all__ = [
     "ImageSet", "load_dataset", "default_data_dir", "DATASET_NAMES", "SPLITS",
-    "URLS", "MD5", "VALID_SIZES",
+    "URLS", "MD5", "VALID_SIZES", "match_levels",
 ]
 
 SPLITS = ("train", "valid", "test")
+#: What :func:`load_dataset` accepts: the three splits and the whole training source.
+ALL_SPLITS = SPLITS + ("train+valid",)
 
 #: The named datasets :func:`load_dataset` knows.
-DATASET_NAMES = ("cifar10", "mnist", "fashion-mnist", "imagenet32", "imagenet64", "digits")
+DATASET_NAMES = ("cifar10", "mnist", "fashion-mnist", "imagenet32", "imagenet64", "digits",
+                 "celeba64-5bit", "celeba64-3bit", "celeba128-5bit")
 
 _ALIASES = {
     "cifar-10": "cifar10", "cifar": "cifar10",
@@ -153,6 +162,8 @@ def _hold_out_range(n: int, split: str, n_valid: int, what: str) -> tuple:
     if n <= n_valid:
         raise DatasetError(f"{what} holds {n} images; need more than {n_valid} to hold out "
                            f"{n_valid} for the valid split")
+    if split == "train+valid":
+        return 0, n, f"train+valid = all {n} images of {what}"
     if split == "train":
         return 0, n - n_valid, f"train = first {n - n_valid} of the {n} images of {what}"
     return n - n_valid, n, f"valid = last {n_valid} of the {n} images of {what}"
@@ -401,6 +412,70 @@ def _load_imagenet(name: str, root: Path, split: str, log: Log) -> tuple:
 
 
 # ---------------------------------------------------------------------------
+# CelebA, pre-quantized by the Flow++ release
+# ---------------------------------------------------------------------------
+
+#: name -> (file of the Flow++ release, image size, bits)
+_CELEBA_FILES = {
+    "celeba64-5bit": ("celeba_full_64x64_5bit.npy", 64, 5),
+    "celeba64-3bit": ("celeba_full_64x64_3bit.npy", 64, 3),
+    "celeba128-5bit": ("celeba_128pixels_5bit_full.npy", 128, 5),
+}
+#: The release trains on every image and reports no held-out set; flowpp holds these out.
+CELEBA_TEST, CELEBA_VALID = 3000, 1000
+
+
+def _load_celeba(name: str, root: Path, split: str) -> tuple:
+    filename, size, bits = _CELEBA_FILES[name]
+    path = root / filename
+    if not path.is_file():
+        raise DatasetError(
+            f"{name}: {path} not found. The Flow++ release's pre-quantized CelebA files need a manual "
+            f"download (links in the release's flows_celeba/README.md): place {filename} in {root}/.")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: not a readable .npy array ({exc}); delete it and download it again") from exc
+    if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3):
+        raise DatasetError(f"{path}: expected uint8 images of shape (N, {size}, {size}, 3), found {x.dtype} "
+                           f"{x.shape}")
+    n = len(x)
+    if n <= CELEBA_TEST + CELEBA_VALID:
+        raise DatasetError(f"{path}: holds {n} images; need more than {CELEBA_TEST + CELEBA_VALID} to hold out "
+                           f"the valid and test splits")
+    if split == "test":
+        start, stop, detail = n - CELEBA_TEST, n, f"test = last {CELEBA_TEST} of {n} images"
+    else:
+        start, stop, detail = _hold_out_range(n - CELEBA_TEST, split, CELEBA_VALID,
+                                              f"the first {n - CELEBA_TEST} of {n} images")
+    part = np.ascontiguousarray(x[start:stop])
+    top = int(part.max())
+    if top >= 2 ** bits:
+        raise DatasetError(f"{path}: pixel value {top} in the {split} split, but a {bits}-bit file holds values "
+                           f"0..{2 ** bits - 1}")
+    return part, 2 ** bits, f"CelebA {size}x{size}, {bits} bits (Flow++ release file {path}); {detail}"
+
+
+def match_levels(data: ImageSet, num_levels: int, log: Log = None) -> ImageSet:
+    """``data`` on ``num_levels`` levels: unchanged when they agree; 8-bit data reduced to n
+    bits (``x >> (8 - n)``, as the Flow++ release does) when ``num_levels`` is 2^n < 256.
+
+    Raises:
+        DatasetError: for any other pair of level counts.
+    """
+    if data.num_levels == num_levels:
+        return data
+    bits = num_levels.bit_length() - 1
+    if data.num_levels != 256 or num_levels != 2 ** bits or not 1 <= bits < 8:
+        raise DatasetError(f"{data.name}: the data has {data.num_levels} levels but the model expects {num_levels}; "
+                           "only 8-bit data can be reduced, to 2^n levels (--bits n)")
+    if log is not None:
+        log(f"{data.name}: reducing 8-bit pixels to {bits} bits (x >> {8 - bits}) for {num_levels} levels")
+    return ImageSet(images=data.images >> (8 - bits), num_levels=num_levels, name=data.name,
+                    description=f"{data.description}; reduced to {bits} bits (x >> {8 - bits})")
+
+
+# ---------------------------------------------------------------------------
 # scikit-learn digits
 # ---------------------------------------------------------------------------
 
@@ -475,6 +550,14 @@ def _load_npz(path: Path, split: str) -> tuple:
                                    f"images are {ref}")
         has_valid = "x_valid" in z
     title = f"npz file {path} ({num_levels} levels)"
+    if split == "train+valid" and has_valid:
+        with NpzReader(path) as z:
+            x_valid = _npz_images(z, path, "x_valid")
+        if x_valid.shape[1:] != x.shape[1:]:
+            raise DatasetError(f"{path}: 'x_valid' images are {x_valid.shape[1:]} but x_train images are "
+                               f"{x.shape[1:]}")
+        return (np.concatenate([x, x_valid]), num_levels,
+                f"{title}; train+valid = x_train and x_valid ({len(x)} + {len(x_valid)} images)")
     if need != "x_train" or has_valid:
         return x, num_levels, f"{title}; {split} = {need} ({len(x)} images)"
     n_valid = min(NPZ_MAX_VALID, -(-len(x) // 10))
@@ -519,6 +602,11 @@ def _load_folder(root: Path, split: str, log: Log) -> tuple:
         for s in ("train", "valid"):
             start, stop, detail = _hold_out_range(len(pool), s, n_valid, pool_name)
             parts[s] = (pool[start:stop], detail)
+    if valid is not None:
+        parts["train+valid"] = (pool + valid, f"train+valid = {pool_name} and {sub['valid']}/ "
+                                              f"({len(pool)} + {len(valid)} images)")
+    else:
+        parts["train+valid"] = (pool, f"train+valid = all {len(pool)} images of {pool_name}")
     if test is not None:
         parts["test"] = (test, f"test = {sub['test']}/ ({len(test)} images)")
     else:
@@ -557,7 +645,8 @@ def load_dataset(dataset: Union[str, "os.PathLike[str]"], split: str = "train",
             ``x_test``, optional ``x_valid`` and ``num_levels``), or a path to
             a folder of PNG images.  Names win over paths; write ``./mnist``
             for a folder called ``mnist``.
-        split: ``"train"``, ``"valid"`` or ``"test"`` (see the module table).
+        split: ``"train"``, ``"valid"``, ``"test"`` (see the module table) or
+            ``"train+valid"`` (train and valid together).
         data_dir: where named datasets live (``<data_dir>/<name>/``); default
             :func:`default_data_dir`.
         download: fetch CIFAR-10 / MNIST / Fashion-MNIST when absent.
@@ -566,8 +655,8 @@ def load_dataset(dataset: Union[str, "os.PathLike[str]"], split: str = "train",
     Raises:
         DatasetError: on any problem, with a message naming the file.
     """
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if split not in ALL_SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(ALL_SPLITS)}")
     say = log if log is not None else _quiet
     name = _canonical(dataset)
     if name is not None:
@@ -580,6 +669,9 @@ def load_dataset(dataset: Union[str, "os.PathLike[str]"], split: str = "train",
             x, desc = _load_mnist(name, root, split, download, say)
         elif name in ("imagenet32", "imagenet64"):
             x, desc = _load_imagenet(name, root, split, say)
+        elif name in _CELEBA_FILES:
+            root = base / "celeba"
+            x, num_levels, desc = _load_celeba(name, root, split)
         else:
             x, desc = _load_digits(split)
             num_levels = 17
