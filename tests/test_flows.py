@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flowpp.ddi import data_dependent_init
-from flowpp.flows import (AffineCoupling, ChannelMerge, ChannelSplit, ElementwiseNorm, LogitPreprocess,
-                          MixtureLogisticCoupling, Pointwise, Sequential, Sigmoid, Squeeze, StripeMerge,
+from flowpp.flows import (AffineCoupling, ChannelSplit, Inverse, ElementwiseNorm, LogitPreprocess,
+                          MixtureLogisticCoupling, Pointwise, Sequential, Sigmoid, Squeeze,
                           StripeSplit, SwapHalves)
 from flowpp.nets import Conditioner
 
@@ -121,12 +121,12 @@ def _sequential():
         ElementwiseNorm(half), Pointwise(C),
         MixtureLogisticCoupling(_conditioner(C, C * (2 + 3 * k), H, W // 2), C, k), SwapHalves(),
         ElementwiseNorm(half), AffineCoupling(_conditioner(C, 2 * C, H, W // 2), C), SwapHalves(),
-        StripeMerge(),
+        Inverse(StripeSplit()),
         Squeeze(),
         ChannelSplit(),
         ElementwiseNorm(ch_half), Pointwise(2 * C),
         MixtureLogisticCoupling(_conditioner(2 * C, 2 * C * (2 + 3 * k), H // 2, W // 2), 2 * C, k), SwapHalves(),
-        ChannelMerge(),
+        Inverse(ChannelSplit()),
     )
     mk = lambda s: 256.0 * torch.rand(B, C, H, W, generator=g(s), dtype=F64)  # noqa: E731
     # Inverse-first round trips start from forward(another input): a random latent can map to
@@ -165,9 +165,9 @@ CASES = {
                             lambda s: 0.01 + 0.98 * torch.rand(B, C, H, W, generator=g(s), dtype=F64),
                             elementwise=True),
     "StripeSplit": lambda: Case(StripeSplit(), _tensor, volume_preserving=True),
-    "StripeMerge": lambda: Case(StripeMerge(), lambda s: pair((C, H, W // 2), s), volume_preserving=True),
+    "Inverse(StripeSplit)": lambda: Case(Inverse(StripeSplit()), lambda s: pair((C, H, W // 2), s), volume_preserving=True),
     "ChannelSplit": lambda: Case(ChannelSplit(), lambda s: _tensor(s, 4), volume_preserving=True),
-    "ChannelMerge": lambda: Case(ChannelMerge(), lambda s: pair((2, H, W), s), volume_preserving=True),
+    "Inverse(ChannelSplit)": lambda: Case(Inverse(ChannelSplit()), lambda s: pair((2, H, W), s), volume_preserving=True),
     "SwapHalves": lambda: Case(SwapHalves(), lambda s: pair((C, H, W // 2), s), volume_preserving=True),
     "Squeeze": lambda: Case(Squeeze(), lambda s: _tensor(s, 3), volume_preserving=True),
     "ElementwiseNorm(pair)": lambda: _norm(2),
@@ -369,7 +369,7 @@ def test_stripe_split_gives_even_and_odd_columns():
     xn = x.numpy()
     np.testing.assert_array_equal(a.numpy(), xn[..., [0, 2, 4]])
     np.testing.assert_array_equal(b.numpy(), xn[..., [1, 3, 5]])
-    assert torch.equal(StripeMerge()((a, b))[0], x)
+    assert torch.equal(Inverse(StripeSplit())((a, b))[0], x)
     assert torch.equal(StripeSplit().inverse((a, b))[0], x)
 
 
@@ -430,7 +430,7 @@ def test_pointwise_starts_near_identity_and_keeps_halves_apart(perturb):
 
 
 def test_sequential_container():
-    seq = Sequential(StripeSplit(), SwapHalves(), StripeMerge())
+    seq = Sequential(StripeSplit(), SwapHalves(), Inverse(StripeSplit()))
     assert len(seq) == 3 and isinstance(seq[1], SwapHalves)
     x = randn(2, 1, 2, 4)
     y, ld = seq(x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,11 @@ class FlowConfig:
     def num_dims(self) -> int:
         c, h, w = self.image_shape
         return c * h * w
+
+    @property
+    def nats_per_bpd(self) -> float:
+        """D ln 2: a log-likelihood in nats per image divided by this is in bits/dim."""
+        return self.num_dims * math.log(2.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,16 +1,12 @@
 """Dequantizers q(u|x): noise u in [0, 1)^D added to integer pixels, with log q(u|x)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from .flows import Sequential
+from .flows import Sequential, standard_normal_log_prob
 
 __all__ = ["UniformDequantizer", "VariationalDequantizer"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class UniformDequantizer(nn.Module):
@@ -46,6 +42,6 @@ class VariationalDequantizer(nn.Module):
                 noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``noise``: the Gaussian eps to transform (drawn here when None)."""
         eps = self.sample_noise(x.shape, generator, x.device, x.dtype) if noise is None else noise.to(x.dtype)
-        log_p_eps = (-0.5 * eps.square() - _HALF_LOG_2PI).flatten(1).sum(1)
+        log_p_eps = standard_normal_log_prob(eps)
         u, logdet = self.flow(eps, self.context_net(x))
         return u, log_p_eps - logdet

@@ -4,10 +4,10 @@ The main flow is built from the config's ``layout``, one stage per entry, exactl
 paper's architecture table reads. For the CIFAR-10 config ``print(model.flow)`` lists:
 
     LogitPreprocess
-    StripeSplit,   4 x [ElementwiseNorm, Pointwise, MixtureLogisticCoupling, SwapHalves], StripeMerge
+    StripeSplit,   4 x [ElementwiseNorm, Pointwise, MixtureLogisticCoupling, SwapHalves], Inverse(StripeSplit)
     Squeeze
-    ChannelSplit,  2 x [...], ChannelMerge
-    StripeSplit,   3 x [...], StripeMerge
+    ChannelSplit,  2 x [...], Inverse(ChannelSplit)
+    StripeSplit,   3 x [...], Inverse(StripeSplit)
 """
 from __future__ import annotations
 
@@ -19,15 +19,12 @@ from torch import Tensor, nn
 from .configs import FlowConfig, parse_stage
 from .ddi import data_dependent_init
 from .dequantizers import UniformDequantizer, VariationalDequantizer
-from .flows import (AffineCoupling, ChannelMerge, ChannelSplit, ElementwiseNorm, Flow, LogitPreprocess,
-                    MixtureLogisticCoupling, Pointwise, Sequential, Sigmoid, Squeeze, StripeMerge, StripeSplit,
-                    SwapHalves)
+from .flows import (AffineCoupling, ChannelSplit, ElementwiseNorm, Flow, Inverse, LogitPreprocess,
+                    MixtureLogisticCoupling, Pointwise, Sequential, Sigmoid, Squeeze, StripeSplit, SwapHalves,
+                    standard_normal_log_prob)
 from .nets import Conditioner, ContextNet
 
 __all__ = ["FlowPlusPlus", "count_parameters"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
 
 def _coupling_step(cfg: FlowConfig, half_shape: tuple[int, int, int], *, filters: int, blocks: int,
                    components: int, mixer: str, context_channels: int = 0,
@@ -68,16 +65,16 @@ def _stages(cfg: FlowConfig, layout: tuple[str, ...], shape: tuple[int, int, int
         if kind == "stripe":
             if w % 2:
                 raise ValueError(f"config {cfg.name!r}: stripe split needs an even width, got {c}x{h}x{w}")
-            split, merge, half = StripeSplit(), StripeMerge(), (c, h, w // 2)
+            split, half = StripeSplit(), (c, h, w // 2)
         else:
             if c % 2:
                 raise ValueError(f"config {cfg.name!r}: channel split needs an even channel count, got {c}x{h}x{w}")
-            split, merge, half = ChannelSplit(), ChannelMerge(), (c // 2, h, w)
+            split, half = ChannelSplit(), (c // 2, h, w)
         layers.append(split)
         stage_kwargs = coupling_kwargs if mixing else {**coupling_kwargs, "mixer": "none"}
         for _ in range(n):
             layers.extend(_coupling_step(cfg, half, **stage_kwargs))
-        layers.append(merge)
+        layers.append(Inverse(split))
     return layers, (c, h, w)
 
 
@@ -197,7 +194,7 @@ class FlowPlusPlus(nn.Module):
     # --- densities ----------------------------------------------------------------------------
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
-        return (-0.5 * z.square() - _HALF_LOG_2PI).flatten(1).sum(1)
+        return standard_normal_log_prob(z)
 
     def log_prob(self, x: Tensor, *, check: bool = True, generator: torch.Generator | None = None,
                  noise: Tensor | None = None) -> Tensor:
@@ -220,7 +217,7 @@ class FlowPlusPlus(nn.Module):
 
     def bits_per_dim(self, x: Tensor, **kwargs) -> Tensor:
         """(B,) -log_prob / (D ln 2)."""
-        return -self.log_prob(x, **kwargs) / (self.config.num_dims * math.log(2.0))
+        return -self.log_prob(x, **kwargs) / self.config.nats_per_bpd
 
     # --- the continuous bijection ---------------------------------------------------------------
 

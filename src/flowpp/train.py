@@ -95,7 +95,7 @@ def backward_and_clip(loss_bpd: Tensor, parameters, config: FlowConfig) -> Tenso
     The units matter beyond the clipping threshold: Adam's epsilon acts on the gradient it is
     given, so "nats" reproduces the official optimisation exactly.
     """
-    nats_per_bpd = config.num_dims * math.log(2.0)
+    nats_per_bpd = config.nats_per_bpd
     parameters = list(parameters)
     if config.grad_clip_units == "nats":
         (loss_bpd * nats_per_bpd).backward()

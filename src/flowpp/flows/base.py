@@ -7,6 +7,7 @@ a split, a pair ``(a, b)`` of tensors.
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple, Union
 
 import torch
@@ -14,7 +15,10 @@ from torch import Tensor, nn
 
 Value = Union[Tensor, Tuple[Tensor, Tensor]]
 
-__all__ = ["Flow", "Sequential", "Value", "batch_size_of", "zero_logdet", "sum_except_batch"]
+__all__ = ["Flow", "Sequential", "Inverse", "Value", "batch_size_of", "zero_logdet", "sum_except_batch",
+           "standard_normal_log_prob"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def batch_size_of(x: Value) -> int:
@@ -28,6 +32,11 @@ def zero_logdet(x: Value) -> Tensor:
 
 def sum_except_batch(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """(B,) log N(z; 0, I) of a batch (B, ...)."""
+    return (-0.5 * z.square() - _HALF_LOG_2PI).flatten(1).sum(1)
 
 
 class Flow(nn.Module):
@@ -69,3 +78,18 @@ class Sequential(Flow):
 
     def __getitem__(self, i: int) -> Flow:
         return self.layers[i]
+
+
+class Inverse(Flow):
+    """A layer run backwards: ``forward`` is ``flow.inverse`` and ``inverse`` is ``flow.forward``
+    (e.g. the merge that closes a split)."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Value, context: Tensor | None = None) -> tuple[Value, Tensor]:
+        return self.flow.inverse(x, context)
+
+    def inverse(self, y: Value, context: Tensor | None = None) -> tuple[Value, Tensor]:
+        return self.flow(y, context)

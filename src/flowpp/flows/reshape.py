@@ -1,6 +1,6 @@
-"""Volume-preserving rearrangements: splits into halves, their merges, the swap and the squeeze.
+"""Volume-preserving rearrangements: splits into halves, the swap and the squeeze.
 
-Tensors are NCHW. Each layer here has log|det| = 0.
+Tensors are NCHW. Each layer here has log|det| = 0. A split is closed by ``Inverse(split)``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import Flow, zero_logdet
 
-__all__ = ["StripeSplit", "StripeMerge", "ChannelSplit", "ChannelMerge", "SwapHalves", "Squeeze"]
+__all__ = ["StripeSplit", "ChannelSplit", "SwapHalves", "Squeeze"]
 
 Pair = tuple[Tensor, Tensor]
 
@@ -50,16 +50,6 @@ class StripeSplit(Flow):
         return _stripe_merge(y), zero_logdet(y)
 
 
-class StripeMerge(Flow):
-    """Inverse of :class:`StripeSplit`: interleave two halves back into columns."""
-
-    def forward(self, x, context=None):
-        return _stripe_merge(x), zero_logdet(x)
-
-    def inverse(self, y, context=None):
-        return _stripe_split(y), zero_logdet(y)
-
-
 class ChannelSplit(Flow):
     """(B, C, H, W) -> first C/2 channels, last C/2 channels."""
 
@@ -68,16 +58,6 @@ class ChannelSplit(Flow):
 
     def inverse(self, y, context=None):
         return _channel_merge(y), zero_logdet(y)
-
-
-class ChannelMerge(Flow):
-    """Inverse of :class:`ChannelSplit`."""
-
-    def forward(self, x, context=None):
-        return _channel_merge(x), zero_logdet(x)
-
-    def inverse(self, y, context=None):
-        return _channel_split(y), zero_logdet(y)
 
 
 class SwapHalves(Flow):
