@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 4
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test lint format clean-demo
 
 venv: $(VENV)/.installed
 
@@ -31,7 +31,17 @@ demo: venv
 	@echo "  checkpoints/         resumable checkpoints;  summary.json  the run's summary"
 
 test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

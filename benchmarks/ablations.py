@@ -54,6 +54,7 @@ The study in docs/results.md (two datasets side by side, one thread each, about 
         --curve-images 200 --seeds 0 1 --eval-samples 64 --eval-images 64 --report-split valid \
         --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,13 +96,15 @@ STUDY_FILE = "study.json"
 
 # --- variants ------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=None)
 def _count(config: FlowConfig) -> int:
     return flowpp.count_parameters(config)
 
 
-def _widen(make: Callable[[int], FlowConfig], target: int, step: int, min_delta: int,
-           count: Callable[[FlowConfig], int]) -> FlowConfig:
+def _widen(
+    make: Callable[[int], FlowConfig], target: int, step: int, min_delta: int, count: Callable[[FlowConfig], int]
+) -> FlowConfig:
     """``make(delta)`` for the multiple ``delta`` of ``step`` whose count is closest to ``target``.
 
     Counts grow with the width, so this walks from delta = 0 to the two widths around ``target``.
@@ -156,16 +159,24 @@ def make_variants(base: FlowConfig, count: Callable[[FlowConfig], int] | None = 
     variants = {"full": base}
 
     def uniform(d: int) -> FlowConfig:
-        return base.replace(name=f"{base.name}-uniform-dequant", dequantizer="uniform", filters=base.filters + d,
-                            notes=f"ablation of {base.name}: uniform dequantization, filters {base.filters + d}")
+        return base.replace(
+            name=f"{base.name}-uniform-dequant",
+            dequantizer="uniform",
+            filters=base.filters + d,
+            notes=f"ablation of {base.name}: uniform dequantization, filters {base.filters + d}",
+        )
 
     variants["uniform-dequant"] = _widen(uniform, target, step, step - base.filters, count)
 
     def affine(d: int) -> FlowConfig:
-        return base.replace(name=f"{base.name}-affine", coupling="affine", filters=base.filters + d,
-                            dequant_filters=base.dequant_filters + d,
-                            notes=f"ablation of {base.name}: affine couplings, filters {base.filters + d}, "
-                                  f"dequant_filters {base.dequant_filters + d}")
+        return base.replace(
+            name=f"{base.name}-affine",
+            coupling="affine",
+            filters=base.filters + d,
+            dequant_filters=base.dequant_filters + d,
+            notes=f"ablation of {base.name}: affine couplings, filters {base.filters + d}, "
+            f"dequant_filters {base.dequant_filters + d}",
+        )
 
     variants["affine"] = _widen(affine, target, step, step - min(base.filters, base.dequant_filters), count)
 
@@ -173,9 +184,12 @@ def make_variants(base: FlowConfig, count: Callable[[FlowConfig], int] | None = 
         return "pointwise" if mixer == "attention" else mixer
 
     variants["no-attention"] = base.replace(
-        name=f"{base.name}-no-attention", mixer=no_attention(base.mixer),
-        dequant_mixer=no_attention(base.dequant_mixer), context_mixer=no_attention(base.context_mixer),
-        notes=f"ablation of {base.name}: same-size pointwise gated layers instead of self-attention")
+        name=f"{base.name}-no-attention",
+        mixer=no_attention(base.mixer),
+        dequant_mixer=no_attention(base.dequant_mixer),
+        context_mixer=no_attention(base.context_mixer),
+        notes=f"ablation of {base.name}: same-size pointwise gated layers instead of self-attention",
+    )
     return variants
 
 
@@ -185,26 +199,26 @@ def variant_summary(variants: dict[str, FlowConfig], count: Callable[[FlowConfig
     rows = []
     for name, cfg in variants.items():
         n = count(cfg)
-        rows.append(dict(variant=name, parameters=n, filters=cfg.filters, dequant_filters=cfg.dequant_filters,
-                         relative=(n / full - 1.0) if full else None))
+        rows.append(
+            dict(
+                variant=name,
+                parameters=n,
+                filters=cfg.filters,
+                dequant_filters=cfg.dequant_filters,
+                relative=(n / full - 1.0) if full else None,
+            )
+        )
     return rows
 
 
 # --- small helpers -------------------------------------------------------------------------------
+
 
 def apply_overrides(config: FlowConfig, overrides: list[str]) -> FlowConfig:
     try:
         return config.with_changes(dict(parse_override(item) for item in overrides))
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from None
-
-
-def _nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def _batches(x: torch.Tensor, batch_size: int):
-    return (x[i: i + batch_size] for i in range(0, x.shape[0], batch_size))
 
 
 def _clean(obj):
@@ -219,9 +233,9 @@ def _clean(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
+    from flowpp.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -256,8 +270,9 @@ def read_curve(metrics_csv: Path) -> list[dict]:
             v = float("nan")
         return v
 
-    timed = sorted({int(r["step"]): num(r, "train_seconds") for r in rows
-                    if math.isfinite(num(r, "train_seconds"))}.items())
+    timed = sorted(
+        {int(r["step"]): num(r, "train_seconds") for r in rows if math.isfinite(num(r, "train_seconds"))}.items()
+    )
     steps_t = np.array([0.0] + [s for s, _ in timed])
     secs_t = np.array([0.0] + [t for _, t in timed])
     curve = {}  # by step: a run resumed after its last checkpoint evaluates that step again
@@ -269,18 +284,33 @@ def read_curve(metrics_csv: Path) -> list[dict]:
         ts = num(r, "train_seconds")
         if not math.isfinite(ts):
             ts = float(np.interp(step, steps_t, secs_t))
-        curve[step] = dict(step=step, images_seen=int(num(r, "images_seen")), wall_seconds=num(r, "wall_seconds"),
-                           train_seconds=ts, valid_bpd=v)
+        curve[step] = dict(
+            step=step,
+            images_seen=int(num(r, "images_seen")),
+            wall_seconds=num(r, "wall_seconds"),
+            train_seconds=ts,
+            valid_bpd=v,
+        )
     return [curve[s] for s in sorted(curve)]
 
 
 # --- one run -------------------------------------------------------------------------------------
 
+
 def _protocol(args, config: FlowConfig, data_description: str) -> dict:
-    return dict(data=str(args.data), data_description=data_description, report_split=args.report_split,
-                steps_per_run=args.steps_per_run, minutes_per_run=args.minutes_per_run,
-                eval_samples=args.eval_samples, eval_images=args.eval_images, curve_images=args.curve_images,
-                train_images=args.train_images, eval_seed=args.eval_seed, config=config.to_dict())
+    return dict(
+        data=str(args.data),
+        data_description=data_description,
+        report_split=args.report_split,
+        steps_per_run=args.steps_per_run,
+        minutes_per_run=args.minutes_per_run,
+        eval_samples=args.eval_samples,
+        eval_images=args.eval_images,
+        curve_images=args.curve_images,
+        train_images=args.train_images,
+        eval_seed=args.eval_seed,
+        config=config.to_dict(),
+    )
 
 
 def _protocol_diff(old: dict, new: dict) -> list[str]:
@@ -291,9 +321,10 @@ def _protocol_diff(old: dict, new: dict) -> list[str]:
 def run_one(args, variant: str, config: FlowConfig, seed: int, data: dict, log: Callable[[str], None]) -> dict | None:
     """Train and evaluate one (variant, seed); returns its result, or None when stopped by a signal."""
     from flowpp.checkpoint import list_checkpoints
+    from flowpp.distributed import resolve_device
     from flowpp.evaluate import evaluate_bpd
     from flowpp.runs import load_run
-    from flowpp.train import TrainSettings, epoch_permutation, resolve_device, train
+    from flowpp.train import TrainSettings, epoch_permutation, train
 
     run_dir = Path(args.out) / variant / f"seed{seed}"
     result_path = run_dir / RESULT_FILE
@@ -302,34 +333,59 @@ def run_one(args, variant: str, config: FlowConfig, seed: int, data: dict, log: 
         old = json.loads(result_path.read_text())
         diff = _protocol_diff(old.get("protocol", {}), protocol)
         if diff:
-            raise SystemExit(f"{result_path} was made with other settings ({', '.join(diff)} differ); "
-                             f"choose another --out or remove that run")
+            raise SystemExit(
+                f"{result_path} was made with other settings ({', '.join(diff)} differ); "
+                f"choose another --out or remove that run"
+            )
         log(f"[{variant} seed {seed}] done before, skipped ({result_path})")
         return old
 
     settings = TrainSettings(
-        out_dir=str(run_dir), max_steps=args.steps_per_run, max_minutes=args.minutes_per_run,
-        eval_every=args.eval_every_steps, eval_minutes=args.eval_every_minutes,
-        checkpoint_minutes=args.checkpoint_minutes, keep_checkpoints=1, log_every=args.log_every, seed=seed,
-        device=args.device, eval_images=args.curve_images, eval_batch_size=args.eval_batch_size,
-        num_samples=args.num_samples, progress=args.progress, dataset=str(args.data),
-        dataset_description=data["description"], extra=dict(ablation=variant, study=str(args.out)))
+        out_dir=str(run_dir),
+        max_steps=args.steps_per_run,
+        max_minutes=args.minutes_per_run,
+        eval_every=args.eval_every_steps,
+        eval_minutes=args.eval_every_minutes,
+        checkpoint_minutes=args.checkpoint_minutes,
+        keep_checkpoints=1,
+        log_every=args.log_every,
+        seed=seed,
+        device=args.device,
+        eval_images=args.curve_images,
+        eval_batch_size=args.eval_batch_size,
+        num_samples=args.num_samples,
+        progress=args.progress,
+        dataset=str(args.data),
+        dataset_description=data["description"],
+        extra=dict(ablation=variant, study=str(args.out)),
+    )
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     finished = False
     if summary is not None and summary.get("stopped_by") == "budget":
         old_settings = json.loads((run_dir / "settings.json").read_text())
-        finished = (old_settings.get("max_steps") == settings.max_steps
-                    and old_settings.get("max_minutes") == settings.max_minutes)
+        finished = (
+            old_settings.get("max_steps") == settings.max_steps
+            and old_settings.get("max_minutes") == settings.max_minutes
+        )
     if finished:
         log(f"[{variant} seed {seed}] training finished before; evaluating")
     else:
         resume = bool(list_checkpoints(run_dir / "checkpoints"))
-        log(f"[{variant} seed {seed}] {'resuming' if resume else 'training'} {config.name} "
-            f"({_count(config):,} parameters) in {run_dir}")
-        summary = train(config, settings, data["train"], data["curve"], num_levels=data["num_levels"],
-                        resume=resume, log=lambda m: log(f"[{variant} seed {seed}] {m}"))
+        log(
+            f"[{variant} seed {seed}] {'resuming' if resume else 'training'} {config.name} "
+            f"({_count(config):,} parameters) in {run_dir}"
+        )
+        summary = train(
+            config,
+            settings,
+            data["train"],
+            data["curve"],
+            num_levels=data["num_levels"],
+            resume=resume,
+            log=lambda m: log(f"[{variant} seed {seed}] {m}"),
+        )
         if summary.get("stopped_by") == "signal":
             return None
 
@@ -338,34 +394,44 @@ def run_one(args, variant: str, config: FlowConfig, seed: int, data: dict, log: 
     device = resolve_device(args.device)
     model, info = load_run(run_dir, device)
     if info.get("step") != summary["steps"]:
-        raise RuntimeError(f"{run_dir}: newest checkpoint is at step {info.get('step')}, the run at "
-                           f"{summary['steps']}")
-
-    def gen():
-        return torch.Generator(device=device).manual_seed(args.eval_seed)
+        raise RuntimeError(f"{run_dir}: newest checkpoint is at step {info.get('step')}, the run at {summary['steps']}")
 
     report_x = data["report"][: args.eval_images]
-    report = evaluate_bpd(model, _batches(report_x, args.eval_batch_size), samples=args.eval_samples,
-                          device=device, generator=gen(), per_image=True)
+    report = evaluate_bpd(
+        model, report_x, samples=args.eval_samples, batch_size=args.eval_batch_size, seed=args.eval_seed, per_image=True
+    )
     n_train = data["train"].shape[0]
     # Training images this run has trained on: its first batches (epoch 0's order) come first.
     order = epoch_permutation(n_train, seed, 0)[: min(args.eval_images, n_train)]
     seen = min(1.0, summary["images_seen"] / max(1, len(order)))
     train_x = data["train"][order.sort().values]
-    train_eval = evaluate_bpd(model, _batches(train_x, args.eval_batch_size), samples=1, device=device,
-                              generator=gen())
+    train_eval = evaluate_bpd(model, train_x, samples=1, batch_size=args.eval_batch_size, seed=args.eval_seed)
     gap = report["bpd"] - train_eval["bpd"]
     gap_se = math.sqrt(report["bpd_se"] ** 2 + train_eval["bpd_se"] ** 2)  # nan with one image
     result = dict(
-        variant=variant, seed=seed, config_name=config.name, parameters=_count(config),
-        filters=config.filters, dequant_filters=config.dequant_filters,
-        steps=summary["steps"], images_seen=summary["images_seen"], train_seconds=summary["train_seconds"],
-        epochs=summary["images_seen"] / n_train, n_train=n_train, checkpoint_step=info.get("step"),
-        report_split=args.report_split, report=report, train_subset=train_eval, train_subset_seen_fraction=seen,
-        gap=gap, gap_se=gap_se, eval_seconds=time.perf_counter() - t0, protocol=protocol,
+        variant=variant,
+        seed=seed,
+        config_name=config.name,
+        parameters=_count(config),
+        filters=config.filters,
+        dequant_filters=config.dequant_filters,
+        steps=summary["steps"],
+        images_seen=summary["images_seen"],
+        train_seconds=summary["train_seconds"],
+        epochs=summary["images_seen"] / n_train,
+        n_train=n_train,
+        checkpoint_step=info.get("step"),
+        report_split=args.report_split,
+        report=report,
+        train_subset=train_eval,
+        train_subset_seen_fraction=seen,
+        gap=gap,
+        gap_se=gap_se,
+        eval_seconds=time.perf_counter() - t0,
+        protocol=protocol,
     )
     _write_json(result_path, result)
-    line = (f"[{variant} seed {seed}] {args.report_split} bpd {_pm(report['bpd'], report['bpd_se'], 4)}")
+    line = f"[{variant} seed {seed}] {args.report_split} bpd {_pm(report['bpd'], report['bpd_se'], 4)}"
     if "iw_bpd" in report:
         line += f", IW (S={args.eval_samples}) {_pm(report['iw_bpd'], report['iw_bpd_se'], 4)}"
     log(line + f"; train {_fmt(train_eval['bpd'], 4)}, gap {_fmt(gap, 4)}")
@@ -374,18 +440,22 @@ def run_one(args, variant: str, config: FlowConfig, seed: int, data: dict, log: 
 
 # --- aggregation, tables and plots ---------------------------------------------------------------
 
+
 def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
 def _seed_stats(values: list[float], ses: list[float] | None = None) -> dict:
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    out = dict(mean=float(v.mean()) if len(v) else float("nan"),
-               seed_sd=float(v.std(ddof=1)) if len(v) > 1 else float("nan"), n=int(len(v)))
+    out = dict(
+        mean=float(v.mean()) if len(v) else float("nan"),
+        seed_sd=float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+        n=int(len(v)),
+    )
     if ses is not None:
         s = np.array([_num(x) for x in ses], dtype=float)
         # Standard error (over evaluation images) of the mean over seeds.
-        out["se"] = float(np.sqrt((s ** 2).sum()) / len(s)) if len(s) and np.isfinite(s).all() else float("nan")
+        out["se"] = float(np.sqrt((s**2).sum()) / len(s)) if len(s) and np.isfinite(s).all() else float("nan")
     return out
 
 
@@ -414,8 +484,11 @@ def paired_delta(results: list[dict], variant: str) -> dict | None:
         f = by_seed.get(("full", seed))
         if v != variant or f is None:
             continue
-        key = "per_image_iw_bpd" if "per_image_iw_bpd" in r["report"] and "per_image_iw_bpd" in f["report"] \
+        key = (
+            "per_image_iw_bpd"
+            if "per_image_iw_bpd" in r["report"] and "per_image_iw_bpd" in f["report"]
             else "per_image_bpd"
+        )
         a, b = r["report"].get(key), f["report"].get(key)
         if a is None or b is None or len(a) != len(b):
             continue
@@ -435,16 +508,23 @@ def aggregate(results: list[dict]) -> dict:
     for variant, rs in by_variant.items():
         rep = [r["report"] for r in rs]
         row = dict(
-            variant=variant, description=DESCRIPTIONS.get(variant, variant), seeds=[r["seed"] for r in rs],
-            parameters=rs[0]["parameters"], filters=rs[0]["filters"], dequant_filters=rs[0]["dequant_filters"],
+            variant=variant,
+            description=DESCRIPTIONS.get(variant, variant),
+            seeds=[r["seed"] for r in rs],
+            parameters=rs[0]["parameters"],
+            filters=rs[0]["filters"],
+            dequant_filters=rs[0]["dequant_filters"],
             steps=_seed_stats([r["steps"] for r in rs])["mean"],
             images_seen=_seed_stats([r["images_seen"] for r in rs])["mean"],
             epochs=_seed_stats([r["epochs"] for r in rs])["mean"],
             train_seconds=_seed_stats([r["train_seconds"] for r in rs])["mean"],
-            report_split=rs[0]["report_split"], n_images=rep[0]["n_images"], samples=rep[0]["samples"],
+            report_split=rs[0]["report_split"],
+            n_images=rep[0]["n_images"],
+            samples=rep[0]["samples"],
             bpd=_seed_stats([x["bpd"] for x in rep], [x["bpd_se"] for x in rep]),
             iw_bpd=_seed_stats([x.get("iw_bpd") for x in rep], [x.get("iw_bpd_se") for x in rep])
-            if all("iw_bpd" in x for x in rep) else None,
+            if all("iw_bpd" in x for x in rep)
+            else None,
             train_bpd=_seed_stats([r["train_subset"]["bpd"] for r in rs], [r["train_subset"]["bpd_se"] for r in rs]),
             gap=_seed_stats([r["gap"] for r in rs], [r["gap_se"] for r in rs]),
             paper_cifar10_bpd=PAPER_TABLE2.get(variant),
@@ -472,40 +552,75 @@ def write_markdown(path: Path, table: dict, study: dict) -> None:
     split = any_row["report_split"] if any_row else study.get("report_split", "test")
     samples = any_row["samples"] if any_row else study.get("eval_samples")
     lines = ["# Flow++ ablations at small scale", ""]
-    lines.append(f"Data: `{study.get('data')}` ({study.get('data_description', '')}); base config "
-                 f"`{study.get('config')}`; budget per run: " + ", ".join(
-                     x for x in (f"{study['minutes_per_run']} training minutes" if study.get("minutes_per_run") else "",
-                                 f"{study['steps_per_run']} steps" if study.get("steps_per_run") else "") if x)
-                 + f"; seeds {study.get('seeds')}.")
+    lines.append(
+        f"Data: `{study.get('data')}` ({study.get('data_description', '')}); base config "
+        f"`{study.get('config')}`; budget per run: "
+        + ", ".join(
+            x
+            for x in (
+                f"{study['minutes_per_run']} training minutes" if study.get("minutes_per_run") else "",
+                f"{study['steps_per_run']} steps" if study.get("steps_per_run") else "",
+            )
+            if x
+        )
+        + f"; seeds {study.get('seeds')}."
+    )
     lines.append("")
-    lines.append(f"{split} bits/dim of the EMA weights on {any_row['n_images'] if any_row else '?'} {split} images: "
-                 f"single-sample bound and importance-weighted bound (S = {samples}); mean over seeds ± standard "
-                 f"error over images (of that mean); \"seed sd\" is the spread between seeds. \"train\" is the "
-                 f"single-sample bound on as many training images the run trained on; gap = {split} − train. "
-                 f"Δ full: IW bound minus the full model's on the same images and seeds, ± the paired standard "
-                 f"error of the per-image differences, then each seed's difference in brackets. The paper's numbers are CIFAR-10 "
-                 f"test bits/dim (Table 2), for reference only.")
+    lines.append(
+        f"{split} bits/dim of the EMA weights on {any_row['n_images'] if any_row else '?'} {split} images: "
+        f"single-sample bound and importance-weighted bound (S = {samples}); mean over seeds ± standard "
+        f'error over images (of that mean); "seed sd" is the spread between seeds. "train" is the '
+        f"single-sample bound on as many training images the run trained on; gap = {split} − train. "
+        f"Δ full: IW bound minus the full model's on the same images and seeds, ± the paired standard "
+        f"error of the per-image differences, then each seed's difference in brackets. "
+        f"The paper's numbers are CIFAR-10 "
+        f"test bits/dim (Table 2), for reference only."
+    )
     lines.append("")
-    head = ["variant", "params", "filters", "steps", "images seen", "epochs", f"{split} bpd", f"{split} IW bpd",
-            "seed sd (IW)", "train bpd", "gap", "Δ full (paired)", "paper", "paper Δ"]
+    head = [
+        "variant",
+        "params",
+        "filters",
+        "steps",
+        "images seen",
+        "epochs",
+        f"{split} bpd",
+        f"{split} IW bpd",
+        "seed sd (IW)",
+        "train bpd",
+        "gap",
+        "Δ full (paired)",
+        "paper",
+        "paper Δ",
+    ]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
     for row in table.values():
         iw = row["iw_bpd"]
         filt = f"{row['filters']}" + (f"/{row['dequant_filters']}" if row["variant"] != "uniform-dequant" else "")
         cells = [
-            row["variant"], f"{row['parameters']:,}", filt, f"{row['steps']:.0f}", f"{row['images_seen']:,.0f}",
-            f"{row['epochs']:.2f}", _pm(row["bpd"]["mean"], row["bpd"]["se"]),
-            _pm(iw["mean"], iw["se"]) if iw else "–", _fmt((iw or row["bpd"])["seed_sd"]),
-            _pm(row["train_bpd"]["mean"], row["train_bpd"]["se"]), _pm(row["gap"]["mean"], row["gap"]["se"]),
+            row["variant"],
+            f"{row['parameters']:,}",
+            filt,
+            f"{row['steps']:.0f}",
+            f"{row['images_seen']:,.0f}",
+            f"{row['epochs']:.2f}",
+            _pm(row["bpd"]["mean"], row["bpd"]["se"]),
+            _pm(iw["mean"], iw["se"]) if iw else "–",
+            _fmt((iw or row["bpd"])["seed_sd"]),
+            _pm(row["train_bpd"]["mean"], row["train_bpd"]["se"]),
+            _pm(row["gap"]["mean"], row["gap"]["se"]),
             "reference" if row["variant"] == "full" else _delta(row["delta_vs_full"]),
             _fmt(row["paper_cifar10_bpd"]),
             (f"{row['paper_delta_vs_full']:+.3f}" if row["paper_delta_vs_full"] is not None else "–"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("filters: main flow / dequantizer. Seeds per variant: " +
-                 ", ".join(f"{v} {row['seeds']}" for v, row in table.items()) + ".")
+    lines.append(
+        "filters: main flow / dequantizer. Seeds per variant: "
+        + ", ".join(f"{v} {row['seeds']}" for v, row in table.items())
+        + "."
+    )
     plots = study.get("plots")
     if plots:
         lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots) + "."]
@@ -518,6 +633,7 @@ _COLORS = {"full": "tab:blue", "uniform-dequant": "tab:red", "affine": "tab:gree
 def make_plots(out: Path, results: list[dict], table: dict, log: Callable[[str], None]) -> list[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -525,8 +641,9 @@ def make_plots(out: Path, results: list[dict], table: dict, log: Callable[[str],
         return []
     written = []
     for key, xlabel, fname, scale in (
-            ("images_seen", "training images seen", "curves_images.png", 1.0),
-            ("train_seconds", "training wall-clock (minutes, evaluations excluded)", "curves_time.png", 1 / 60)):
+        ("images_seen", "training images seen", "curves_images.png", 1.0),
+        ("train_seconds", "training wall-clock (minutes, evaluations excluded)", "curves_time.png", 1 / 60),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         labelled = set()
         for r in results:
@@ -534,8 +651,16 @@ def make_plots(out: Path, results: list[dict], table: dict, log: Callable[[str],
             if not c:
                 continue
             v = r["variant"]
-            ax.plot([p[key] * scale for p in c], [p["valid_bpd"] for p in c], marker="o", ms=3, lw=1.2,
-                    color=_COLORS.get(v), alpha=0.85, label=None if v in labelled else DESCRIPTIONS.get(v, v))
+            ax.plot(
+                [p[key] * scale for p in c],
+                [p["valid_bpd"] for p in c],
+                marker="o",
+                ms=3,
+                lw=1.2,
+                color=_COLORS.get(v),
+                alpha=0.85,
+                label=None if v in labelled else DESCRIPTIONS.get(v, v),
+            )
             labelled.add(v)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation bits/dim (EMA, single sample)")
@@ -567,8 +692,14 @@ def make_plots(out: Path, results: list[dict], table: dict, log: Callable[[str],
         a1.legend()
         gaps = [table[n]["gap"]["mean"] for n in names]
         errs = [table[n]["gap"].get("se", float("nan")) for n in names]
-        a2.bar(xs, gaps, 0.6, yerr=[e if math.isfinite(e) else 0 for e in errs], capsize=4,
-               color=[_COLORS.get(n, "tab:gray") for n in names])
+        a2.bar(
+            xs,
+            gaps,
+            0.6,
+            yerr=[e if math.isfinite(e) else 0 for e in errs],
+            capsize=4,
+            color=[_COLORS.get(n, "tab:gray") for n in names],
+        )
         for r in results:
             if r["variant"] in names and r.get("gap") is not None:
                 a2.plot(names.index(r["variant"]), r["gap"], "k.", ms=6)
@@ -598,14 +729,14 @@ def report(out: Path, log: Callable[[str], None] = print) -> dict:
         r = {k: v for k, v in r.items() if k != "protocol"}
         r["report"] = {k: v for k, v in r["report"].items() if not k.startswith("per_image")}
         runs.append(r)
-    _write_json(out / "results.json", dict(study=study, variants=table, runs=runs,
-                                           paper_table2_cifar10=PAPER_TABLE2))
+    _write_json(out / "results.json", dict(study=study, variants=table, runs=runs, paper_table2_cifar10=PAPER_TABLE2))
     write_markdown(out / "results.md", table, study)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f" and {', '.join(plots)}" if plots else ""))
     return table
 
 
 # --- command line --------------------------------------------------------------------------------
+
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
@@ -617,8 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="where named datasets live")
     p.add_argument("--no-download", action="store_true", help="never download named datasets")
     p.add_argument("--config", default="mnist", help="base config (the full model)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the base config before the variants are made (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base config before the variants are made (repeatable)",
+    )
     p.add_argument("--out", required=True, help="study directory")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -627,15 +764,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every-minutes", type=float, default=None, help="learning-curve evaluation cadence")
     p.add_argument("--eval-every-steps", type=int, default=None, help="learning-curve evaluation cadence")
     p.add_argument("--curve-images", type=int, default=500, help="validation images per learning-curve point")
-    p.add_argument("--report-split", default="test", choices=["test", "valid"],
-                   help="split of the final evaluation (learning curves always use valid)")
-    p.add_argument("--eval-images", type=int, default=1000,
-                   help="images of the report split (and of the training set, for the gap) in the final evaluation")
+    p.add_argument(
+        "--report-split",
+        default="test",
+        choices=["test", "valid"],
+        help="split of the final evaluation (learning curves always use valid)",
+    )
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=1000,
+        help="images of the report split (and of the training set, for the gap) in the final evaluation",
+    )
     p.add_argument("--eval-samples", type=int, default=64, help="S of the importance-weighted bound")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the final evaluation's dequantization noise")
     p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--train-images", type=int, default=None,
-                   help="train on only the first N training images (more epochs in the same budget)")
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="train on only the first N training images (more epochs in the same budget)",
+    )
     p.add_argument("--num-samples", type=int, default=16, help="samples drawn at each learning-curve evaluation")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint cadence (for resuming)")
     p.add_argument("--log-every", type=int, default=10)
@@ -671,7 +820,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
             args.eval_every_steps = max(1, args.steps_per_run // 6)
 
     from flowpp.data import load_dataset
-    from flowpp.train import check_dataset_fits
+    from flowpp.images import to_nchw
 
     base = apply_overrides(flowpp.get_config(args.config), args.overrides)
     all_variants = make_variants(base)
@@ -679,34 +828,49 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
     log("parameter counts (widths searched in steps of heads; closest to the full model):")
     for row in variant_summary(all_variants):
         mark = "" if row["variant"] in variants else "  (not run)"
-        log(f"  {row['variant']:<16} {row['parameters']:>12,}  filters {row['filters']:>4}  dequant_filters "
-            f"{row['dequant_filters']:>4}  {row['relative']:+.2%}{mark}")
+        log(
+            f"  {row['variant']:<16} {row['parameters']:>12,}  filters {row['filters']:>4}  dequant_filters "
+            f"{row['dequant_filters']:>4}  {row['relative']:+.2%}{mark}"
+        )
 
     quiet = None
     kw = dict(data_dir=args.data_dir, download=not args.no_download, log=quiet)
     train_set = load_dataset(args.data, "train", **kw)
     curve_set = load_dataset(args.data, "valid", **kw)
     report_set = curve_set if args.report_split == "valid" else load_dataset(args.data, args.report_split, **kw)
-    train_x = _nchw(train_set.images[: args.train_images] if args.train_images else train_set.images)
-    curve_x = _nchw(curve_set.images[: args.curve_images])
-    report_x = _nchw(report_set.images[: args.eval_images])
+    train_x = to_nchw(train_set.images[: args.train_images] if args.train_images else train_set.images)
+    curve_x = to_nchw(curve_set.images[: args.curve_images])
+    report_x = to_nchw(report_set.images[: args.eval_images])
     for x, what in ((train_x, "training"), (curve_x, "validation"), (report_x, args.report_split)):
-        check_dataset_fits(base, x, train_set.num_levels, what)
+        base.check_data(x.shape[1:], train_set.num_levels, what)
     description = f"train: {train_set.description}; valid: {curve_set.description}"
     if args.report_split != "valid":
         description += f"; {args.report_split}: {report_set.description}"
-    log(f"data: {train_x.shape[0]:,} training, {curve_x.shape[0]:,} learning-curve, "
-        f"{report_x.shape[0]:,} {args.report_split} images")
-    data = dict(train=train_x, curve=curve_x, report=report_x, num_levels=train_set.num_levels,
-                description=description)
+    log(
+        f"data: {train_x.shape[0]:,} training, {curve_x.shape[0]:,} learning-curve, "
+        f"{report_x.shape[0]:,} {args.report_split} images"
+    )
+    data = dict(train=train_x, curve=curve_x, report=report_x, num_levels=train_set.num_levels, description=description)
 
     out.mkdir(parents=True, exist_ok=True)
-    study = dict(data=str(args.data), data_description=description, config=args.config, overrides=args.overrides,
-                 variants=list(variants), seeds=args.seeds, minutes_per_run=args.minutes_per_run,
-                 steps_per_run=args.steps_per_run, eval_samples=args.eval_samples, eval_images=args.eval_images,
-                 report_split=args.report_split, curve_images=args.curve_images, train_images=args.train_images,
-                 parameter_counts={r["variant"]: r["parameters"] for r in variant_summary(all_variants)},
-                 torch_version=torch.__version__, threads=torch.get_num_threads())
+    study = dict(
+        data=str(args.data),
+        data_description=description,
+        config=args.config,
+        overrides=args.overrides,
+        variants=list(variants),
+        seeds=args.seeds,
+        minutes_per_run=args.minutes_per_run,
+        steps_per_run=args.steps_per_run,
+        eval_samples=args.eval_samples,
+        eval_images=args.eval_images,
+        report_split=args.report_split,
+        curve_images=args.curve_images,
+        train_images=args.train_images,
+        parameter_counts={r["variant"]: r["parameters"] for r in variant_summary(all_variants)},
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
     _write_json(out / STUDY_FILE, study)
 
     t0 = time.monotonic()

@@ -10,6 +10,7 @@
 Every timing is taken after ``--warmup`` untimed runs, over ``--repeats`` timed runs, and is
 reported as median [min, max]. See benchmarks/README.md for what each number means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,14 @@ from flowpp.nets import Conditioner, ContextNet  # noqa: E402
 
 SECTIONS = ("train", "logprob", "sample", "inverse", "memory", "flops")
 # The shared CIFAR-10 sample, when a checkout has one next to it (or inside it); never required.
-DEFAULT_DATA = [REPO_ROOT.parent / "shared" / "data" / "cifar10_train10k.npz",
-                REPO_ROOT / "shared" / "data" / "cifar10_train10k.npz"]
+DEFAULT_DATA = [
+    REPO_ROOT.parent / "shared" / "data" / "cifar10_train10k.npz",
+    REPO_ROOT / "shared" / "data" / "cifar10_train10k.npz",
+]
 
 
 # --- small helpers --------------------------------------------------------------------------------
+
 
 def _finite_or_none(v):
     if isinstance(v, float) and not math.isfinite(v):
@@ -137,6 +141,7 @@ def cpu_model() -> str:
 def git_commit() -> dict:
     def run(*cmd):
         return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+
     try:
         head = run("rev-parse", "HEAD")
         if head.returncode != 0:
@@ -165,6 +170,7 @@ def max_rss_bytes() -> int:
 
 # --- bf16 autocast and torch.compile of the conditioner networks -----------------------------------
 
+
 def register_cpu_attention_flops() -> None:
     """Teach FlopCounterMode the CPU flash-attention kernels.
 
@@ -181,10 +187,13 @@ def register_cpu_attention_flops() -> None:
     fwd = ops._scaled_dot_product_flash_attention_for_cpu
     bwd = getattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if fwd not in fc.flop_registry and fwd.default not in fc.flop_registry:
+
         @fc.register_flop_formula(fwd)
         def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
     if bwd is not None and bwd not in fc.flop_registry and bwd.default not in fc.flop_registry:
+
         @fc.register_flop_formula(bwd)
         def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
@@ -218,8 +227,12 @@ class Accelerator:
         self.autocast = False
         self.use_compiled = False
         self.compiled: dict[int, nn.Module] = {}
-        self.slots = [(parent, name, child) for parent in model.modules()
-                      for name, child in parent.named_children() if isinstance(child, (Conditioner, ContextNet))]
+        self.slots = [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, (Conditioner, ContextNet))
+        ]
         self.installed = False
 
     def install(self):
@@ -245,6 +258,7 @@ class Accelerator:
 
     def compile(self):
         import torch._dynamo as dynamo
+
         for key in ("cache_size_limit", "recompile_limit"):
             if hasattr(dynamo.config, key):
                 setattr(dynamo.config, key, max(getattr(dynamo.config, key), 64))
@@ -253,6 +267,7 @@ class Accelerator:
 
 
 # --- the benchmark -------------------------------------------------------------------------------
+
 
 class Bench:
     def __init__(self, args):
@@ -303,8 +318,10 @@ class Bench:
                 arr = f["x_train"][:n]
             x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).long()
             if tuple(x.shape[1:]) != tuple(cfg.image_shape) or int(x.max()) >= cfg.num_levels:
-                raise SystemExit(f"--data {path.name}: images {tuple(x.shape[1:])} do not fit config "
-                                 f"{cfg.name!r} {tuple(cfg.image_shape)} with {cfg.num_levels} levels")
+                raise SystemExit(
+                    f"--data {path.name}: images {tuple(x.shape[1:])} do not fit config "
+                    f"{cfg.name!r} {tuple(cfg.image_shape)} with {cfg.num_levels} levels"
+                )
             if len(x) < n:  # repeat to fill the batch
                 x = x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
             return x, f"real images from {path.name} (x_train[:{min(n, len(arr))}])"
@@ -317,6 +334,7 @@ class Bench:
         torch.manual_seed(a.seed)
         if a.checkpoint:
             from flowpp.checkpoint import load_checkpoint
+
             ck = load_checkpoint(a.checkpoint)
             self.cfg = flowpp.FlowConfig.from_dict(ck["config"])
             state = ck.get(a.weights) or ck["model"]
@@ -340,8 +358,12 @@ class Bench:
         did_init = self.model.initialize(self.x)
         self.sync()
         self.init_seconds = time.perf_counter() - t0
-        self.res.add("init_seconds", self.init_seconds, "s", note="model.initialize on the batch (one-off)"
-                     if did_init else "loaded an initialised checkpoint")
+        self.res.add(
+            "init_seconds",
+            self.init_seconds,
+            "s",
+            note="model.initialize on the batch (one-off)" if did_init else "loaded an initialised checkpoint",
+        )
         self.snapshot = [t.detach().clone() for t in self.model.state_dict().values()]
 
         self.accel = None
@@ -357,10 +379,14 @@ class Bench:
             self.accel = Accelerator(self.model, self.device.type)
             self.accel.install()
         if self.bf16_active:
-            self.res.note("bf16: the conditioner networks (coupling conditioners and the dequantizer's context "
-                          "network) run under torch.autocast(bfloat16) through a wrapper in this benchmark (the "
-                          "library has no autocast option); their outputs are cast back to " + a.dtype +
-                          " so the mixture-CDF couplings stay in " + a.dtype)
+            self.res.note(
+                "bf16: the conditioner networks (coupling conditioners and the dequantizer's context "
+                "network) run under torch.autocast(bfloat16) through a wrapper in this benchmark (the "
+                "library has no autocast option); their outputs are cast back to "
+                + a.dtype
+                + " so the mixture-CDF couplings stay in "
+                + a.dtype
+            )
 
     def restore(self):
         with torch.no_grad():
@@ -409,18 +435,27 @@ class Bench:
         self.res.add("train_loss_bpd", float(last["loss"]), "bits/dim", note="loss of the last timed step")
         if self.cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
-            self.res.add("train_peak_memory_bytes", peak, "bytes",
-                         note="torch.cuda.max_memory_allocated during the training steps (Adam state included)")
+            self.res.add(
+                "train_peak_memory_bytes",
+                peak,
+                "bytes",
+                note="torch.cuda.max_memory_allocated during the training steps (Adam state included)",
+            )
             self.res.add("memory_before_train_bytes", before, "bytes", note="parameters and inputs")
         elif self.args.report_rss:
             maxrss_after = max_rss_bytes()
-            self.res.add("train_peak_rss_bytes", maxrss_after, "bytes",
-                         note="ru_maxrss of this process after the training steps")
+            self.res.add(
+                "train_peak_rss_bytes", maxrss_after, "bytes", note="ru_maxrss of this process after the training steps"
+            )
             self.res.add("rss_before_train_bytes", rss_before, "bytes", note="VmRSS before the first step")
             self.res.add("train_rss_increase_bytes", maxrss_after - (rss_before or 0), "bytes")
-            self.res.add("train_set_process_peak", maxrss_after > maxrss_before, "bool",
-                         note="false: the peak was reached before training (e.g. during init), so the "
-                              "training peak is at most the reported value")
+            self.res.add(
+                "train_set_process_peak",
+                maxrss_after > maxrss_before,
+                "bool",
+                note="false: the peak was reached before training (e.g. during init), so the "
+                "training peak is at most the reported value",
+            )
         cleanup()
         del step
         self.restore()
@@ -430,8 +465,12 @@ class Bench:
         times = self.time_fn(self.eval_log_prob)
         self.add_rate("logprob_img_per_s", times, B)
         lp = self.eval_log_prob()
-        self.res.add("logprob_bpd", float((-lp * self.bpd_scale).mean()), "bits/dim",
-                     note="eval-mode bits/dim of the batch (one dequantization sample)")
+        self.res.add(
+            "logprob_bpd",
+            float((-lp * self.bpd_scale).mean()),
+            "bits/dim",
+            note="eval-mode bits/dim of the batch (one dequantization sample)",
+        )
 
     def bench_sample(self):
         B = self.args.batch_size
@@ -453,8 +492,12 @@ class Bench:
         self.add_time("sample_seconds_per_image", s_times, per=B, unit="s/img")
         self.add_time("sample_batch_seconds", s_times)
         self.add_time("flow_forward_batch_seconds", f_times)
-        self.res.add("sample_to_forward_ratio", statistics.median(s_times) / statistics.median(f_times), "x",
-                     note="median model.sample(B) time / median no-grad model.flow(y) time, same batch")
+        self.res.add(
+            "sample_to_forward_ratio",
+            statistics.median(s_times) / statistics.median(f_times),
+            "x",
+            note="median model.sample(B) time / median no-grad model.flow(y) time, same batch",
+        )
         s = model.sample(B, 1.0, gen)
         self.res.add("sample_in_range", bool(s.min() >= 0 and s.max() < self.cfg.num_levels), "bool")
 
@@ -465,17 +508,29 @@ class Bench:
         y = self.y.to(dtype)
         y2 = model.decode(model.encode(y))
         err = (y - y2).abs()
-        self.res.add(f"inverse_max_abs_err_{tag}", float(err.max()), "pixels",
-                     note="max |y - decode(encode(y))|, y = x + U[0,1)")
+        self.res.add(
+            f"inverse_max_abs_err_{tag}", float(err.max()), "pixels", note="max |y - decode(encode(y))|, y = x + U[0,1)"
+        )
         self.res.add(f"inverse_nonfinite_{tag}", int((~torch.isfinite(y2)).sum()), "count")
         gen = torch.Generator(device=self.device).manual_seed(self.args.seed + 3)
         for T in (0.5, 1.0):
-            z = torch.randn((self.args.batch_size, *self.model.latent_shape), generator=gen,
-                            device=self.device, dtype=torch.float64).to(dtype) * T
+            z = (
+                torch.randn(
+                    (self.args.batch_size, *self.model.latent_shape),
+                    generator=gen,
+                    device=self.device,
+                    dtype=torch.float64,
+                ).to(dtype)
+                * T
+            )
             z2 = model.encode(model.decode(z))
             d = (z - z2).abs()
-            self.res.add(f"latent_roundtrip_rel_err_{tag}_T{T}", float(d.max() / z.abs().max()), "relative",
-                         note="max |z - encode(decode(z))| / max |z|, z ~ N(0, T^2)")
+            self.res.add(
+                f"latent_roundtrip_rel_err_{tag}_T{T}",
+                float(d.max() / z.abs().max()),
+                "relative",
+                note="max |z - encode(decode(z))| / max |z|, z ~ N(0, T^2)",
+            )
             self.res.add(f"latent_roundtrip_nonfinite_{tag}_T{T}", int((~torch.isfinite(z2)).sum()), "count")
 
     def bench_inverse(self):
@@ -489,7 +544,7 @@ class Bench:
                 if dtype == self.dtype:
                     self._inverse_errors(self.model, dtype, tag)
                     continue
-                with (acc.removed() if acc is not None else contextlib.nullcontext()):
+                with acc.removed() if acc is not None else contextlib.nullcontext():
                     other = copy.deepcopy(self.model).to(dtype)
                 self._inverse_errors(other, dtype, tag)
                 del other
@@ -509,8 +564,12 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats(self.device)
                 step()
                 self.sync()
-                self.res.add("train_peak_memory_bytes", torch.cuda.max_memory_allocated(self.device), "bytes",
-                             note="torch.cuda.max_memory_allocated during one training step")
+                self.res.add(
+                    "train_peak_memory_bytes",
+                    torch.cuda.max_memory_allocated(self.device),
+                    "bytes",
+                    note="torch.cuda.max_memory_allocated during one training step",
+                )
                 cleanup()
                 self.restore()
             return
@@ -518,9 +577,28 @@ class Bench:
         a = self.args
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "child.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", "train", "--repeats", "1",
-                   "--warmup", "0", "--report-rss", "--quiet", "--json", str(out), "--device", a.device,
-                   "--dtype", a.dtype, "--batch-size", str(a.batch_size), "--seed", str(a.seed)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--only",
+                "train",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--report-rss",
+                "--quiet",
+                "--json",
+                str(out),
+                "--device",
+                a.device,
+                "--dtype",
+                a.dtype,
+                "--batch-size",
+                str(a.batch_size),
+                "--seed",
+                str(a.seed),
+            ]
             cmd += ["--checkpoint", a.checkpoint, "--weights", a.weights] if a.checkpoint else ["--config", a.config]
             if a.threads:
                 cmd += ["--threads", str(a.threads)]
@@ -533,8 +611,12 @@ class Bench:
                 self.res.note("memory: the child process failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
                 return
             child = json.loads(out.read_text())["metrics"]
-        for key in ("train_peak_rss_bytes", "rss_before_train_bytes", "train_rss_increase_bytes",
-                    "train_set_process_peak"):
+        for key in (
+            "train_peak_rss_bytes",
+            "rss_before_train_bytes",
+            "train_rss_increase_bytes",
+            "train_set_process_peak",
+        ):
             if key in child:
                 m = dict(child[key])
                 m["note"] = (m.get("note", "") + " (fresh process: build, init, one training step)").strip()
@@ -543,6 +625,7 @@ class Bench:
     # FLOPs
     def bench_flops(self):
         from torch.utils.flop_counter import FlopCounterMode
+
         register_cpu_attention_flops()
         acc = self.accel
         step, cleanup, _ = self.make_step()
@@ -560,8 +643,12 @@ class Bench:
                 acc.use_compiled = saved
         self.model.zero_grad(set_to_none=True)
         self.restore()
-        self.res.add("train_flops_per_step", int(flops), "FLOP",
-                     note="FlopCounterMode, forward + backward (matmul/conv/attention only; elementwise ops not counted)")
+        self.res.add(
+            "train_flops_per_step",
+            int(flops),
+            "FLOP",
+            note="FlopCounterMode, forward + backward (matmul/conv/attention only; elementwise ops not counted)",
+        )
         if getattr(self, "train_step_seconds", None) is None:
             times = self.time_fn(step)
             self.train_step_seconds = statistics.median(times)
@@ -573,9 +660,16 @@ class Bench:
         if self.cuda and self.bf16_active:
             peaks["bfloat16"] = self.matmul_flops(torch.bfloat16)
         for name, (med, lo, hi, n) in peaks.items():
-            self.res.add(f"matmul_{name}_flops_per_s", med, "FLOP/s", lo, hi,
-                         note=f"square {name} matmul of size {n}, {torch.get_num_threads()} threads"
-                         if not self.cuda else f"square {name} matmul of size {n}")
+            self.res.add(
+                f"matmul_{name}_flops_per_s",
+                med,
+                "FLOP/s",
+                lo,
+                hi,
+                note=f"square {name} matmul of size {n}, {torch.get_num_threads()} threads"
+                if not self.cuda
+                else f"square {name} matmul of size {n}",
+            )
             self.res.add(f"train_fraction_of_matmul_{name}", achieved / med, "fraction")
 
     def matmul_flops(self, dtype: torch.dtype):
@@ -585,8 +679,7 @@ class Bench:
         b = torch.randn((n, n), generator=g, device=self.device).to(dtype)
         reps = 10 if self.cuda else 3
         times = self.time_fn(lambda: torch.mm(a, b), warmup=2 if self.cuda else 1, repeats=reps)
-        del a, b
-        f = 2.0 * n ** 3
+        f = 2.0 * n**3
         med, lo, hi = _stats(times)
         return f / med, f / hi, f / lo, n
 
@@ -598,8 +691,12 @@ class Bench:
         acc.autocast = True
         got = self.eval_log_prob()
         d = float(((got - ref).abs() * self.bpd_scale).max())
-        self.res.add("bf16_logprob_max_abs_diff_bpd", d, "bits/dim",
-                     note=f"bf16 conditioners vs {self.args.dtype}, same inputs and dequantization noise, eval mode")
+        self.res.add(
+            "bf16_logprob_max_abs_diff_bpd",
+            d,
+            "bits/dim",
+            note=f"bf16 conditioners vs {self.args.dtype}, same inputs and dequantization noise, eval mode",
+        )
 
     def check_compile(self):
         acc = self.accel
@@ -642,14 +739,28 @@ class Bench:
     def report(self):
         a = self.args
         meta = {
-            "config": self.cfg.name, "batch_size": a.batch_size, "dtype": a.dtype, "device": str(self.device),
+            "config": self.cfg.name,
+            "batch_size": a.batch_size,
+            "dtype": a.dtype,
+            "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.cuda else cpu_model(),
-            "cpu_model": cpu_model(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "python": platform.python_version(),
-            "platform": platform.platform(), "bf16": self.bf16_active, "bf16_requested": a.bf16,
-            "bf16_scope": "conditioners" if self.bf16_active else None, "compile": a.compile,
-            "repeats": a.repeats, "warmup": a.warmup, "sections": [s for s in SECTIONS if s in self.sections],
-            "data_source": self.data_source, "num_params": self.num_params, "seed": a.seed,
+            "cpu_model": cpu_model(),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "bf16": self.bf16_active,
+            "bf16_requested": a.bf16,
+            "bf16_scope": "conditioners" if self.bf16_active else None,
+            "compile": a.compile,
+            "repeats": a.repeats,
+            "warmup": a.warmup,
+            "sections": [s for s in SECTIONS if s in self.sections],
+            "data_source": self.data_source,
+            "num_params": self.num_params,
+            "seed": a.seed,
             "checkpoint": Path(a.checkpoint).name if a.checkpoint else None,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **git_commit(),
@@ -659,9 +770,11 @@ class Bench:
             meta["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
         doc = {"meta": meta, "metrics": self.res.metrics, "notes": self.res.notes}
         if not a.quiet:
-            print(f"\nFlow++ benchmark: config {meta['config']}, batch {a.batch_size}, {a.dtype}"
-                  f"{' + bf16 conditioners' if self.bf16_active else ''}{' + compile' if a.compile else ''}, "
-                  f"{meta['device']} ({meta['device_name']}), {meta['threads']} threads, torch {meta['torch_version']}")
+            print(
+                f"\nFlow++ benchmark: config {meta['config']}, batch {a.batch_size}, {a.dtype}"
+                f"{' + bf16 conditioners' if self.bf16_active else ''}{' + compile' if a.compile else ''}, "
+                f"{meta['device']} ({meta['device_name']}), {meta['threads']} threads, torch {meta['torch_version']}"
+            )
             print(f"data: {self.data_source}\n")
             print_table(self.res.metrics)
         if a.json:
@@ -673,13 +786,20 @@ class Bench:
 # --- summary of several runs ------------------------------------------------------------------------
 
 SUMMARY_KEYS = [
-    ("train_img_per_s", "train img/s"), ("logprob_img_per_s", "log_prob img/s"),
-    ("sample_seconds_per_image", "sample s/img"), ("sample_batch_seconds", "sample batch s"),
-    ("sample_to_forward_ratio", "sample/fwd"), ("inverse_max_abs_err_float32", "inv err f32 px"),
-    ("inverse_max_abs_err_float64", "inv err f64 px"), ("inverse_max_abs_err_bf16", "inv err bf16 px"),
-    ("train_peak_memory_bytes", "peak mem B"), ("train_peak_rss_bytes", "peak RSS B"),
-    ("train_achieved_flops_per_s", "FLOP/s"), ("train_fraction_of_matmul_float32", "frac f32 mm"),
-    ("bf16_logprob_max_abs_diff_bpd", "bf16 diff bpd"), ("compile_logprob_max_abs_diff_bpd", "compile diff bpd"),
+    ("train_img_per_s", "train img/s"),
+    ("logprob_img_per_s", "log_prob img/s"),
+    ("sample_seconds_per_image", "sample s/img"),
+    ("sample_batch_seconds", "sample batch s"),
+    ("sample_to_forward_ratio", "sample/fwd"),
+    ("inverse_max_abs_err_float32", "inv err f32 px"),
+    ("inverse_max_abs_err_float64", "inv err f64 px"),
+    ("inverse_max_abs_err_bf16", "inv err bf16 px"),
+    ("train_peak_memory_bytes", "peak mem B"),
+    ("train_peak_rss_bytes", "peak RSS B"),
+    ("train_achieved_flops_per_s", "FLOP/s"),
+    ("train_fraction_of_matmul_float32", "frac f32 mm"),
+    ("bf16_logprob_max_abs_diff_bpd", "bf16 diff bpd"),
+    ("compile_logprob_max_abs_diff_bpd", "compile diff bpd"),
 ]
 
 
@@ -698,24 +818,31 @@ def summarize(directory: str) -> int:
         return 1
     for stem, doc in docs:
         meta, m = doc["meta"], doc["metrics"]
-        head = (f"{stem}: {meta['config']} batch {meta['batch_size']} {meta['dtype']}"
-                f"{' +bf16' if meta.get('bf16') else ''}{' +compile' if meta.get('compile') else ''} on {meta['device_name']}")
+        head = (
+            f"{stem}: {meta['config']} batch {meta['batch_size']} {meta['dtype']}"
+            f"{' +bf16' if meta.get('bf16') else ''}{' +compile' if meta.get('compile') else ''}"
+            f" on {meta['device_name']}"
+        )
         print(head)
         for key, label in SUMMARY_KEYS:
             if key in m:
                 print(f"    {label:<18} {_fmt(m[key]['value'])}")
         if "sample_batch_seconds" in m and meta["batch_size"] == 8 and meta["config"] == "cifar10":
             v = m["sample_batch_seconds"]["value"]
-            print(f"    sample 8 CIFAR-10 images warm: {_fmt(v)} s (paper 0.32 s, goal < 0.1 s: "
-                  f"{'met' if v is not None and v < 0.1 else 'not met'})")
+            print(
+                f"    sample 8 CIFAR-10 images warm: {_fmt(v)} s (paper 0.32 s, goal < 0.1 s: "
+                f"{'met' if v is not None and v < 0.1 else 'not met'})"
+            )
     return 0
 
 
 # --- command line -----------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="cifar10", help="model config name (flowpp.list_configs())")
     p.add_argument("--checkpoint", default=None, help="measure a trained flowpp checkpoint (its config is used)")
     p.add_argument("--weights", default="ema", choices=("ema", "model"), help="which weights of --checkpoint")
@@ -727,13 +854,24 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="conditioners under bf16 autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the conditioner networks")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute the conditioner networks in the backward pass (less training memory)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute the conditioner networks in the backward pass (less training memory)",
+    )
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--data", default=None, help="npz with uint8 NHWC 'x_train' (default: the shared CIFAR-10 "
-                   "sample next to the repository, for 32x32x3 configs, when present)")
-    p.add_argument("--matmul-size", type=int, default=None, help="size of the peak-FLOP/s matmul "
-                   "(default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="npz with uint8 NHWC 'x_train' (default: the shared CIFAR-10 "
+        "sample next to the repository, for 32x32x3 configs, when present)",
+    )
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="size of the peak-FLOP/s matmul (default 2048 on CPU, 8192 on CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all numbers and machine info here")
     p.add_argument("--report-rss", action="store_true", help=argparse.SUPPRESS)  # child mode of 'memory'

@@ -5,6 +5,7 @@ transposed (mirrored across the diagonal), keeping only the digits 5-9.
 
 The presets are tuned on nothing in this file, so training on it shows whether they carry over.
 """
+
 import sys
 
 import numpy as np

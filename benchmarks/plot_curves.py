@@ -6,6 +6,7 @@ Reads each run's metrics.csv (rows with a valid_bpd) and writes one PNG with two
 markdown table of the points next to it (same name, .md). Needs matplotlib (`pip install
 matplotlib`, or the `plots` extra).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,16 @@ from pathlib import Path
 def read_curve(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("valid_bpd")]
-    return [dict(step=int(r["step"]), images=int(r["images_seen"]), minutes=float(r["wall_seconds"]) / 60.0,
-                 train_minutes=float(r["train_seconds"]) / 60.0 if r.get("train_seconds") else None,
-                 valid_bpd=float(r["valid_bpd"])) for r in rows]
+    return [
+        dict(
+            step=int(r["step"]),
+            images=int(r["images_seen"]),
+            minutes=float(r["wall_seconds"]) / 60.0,
+            train_minutes=float(r["train_seconds"]) / 60.0 if r.get("train_seconds") else None,
+            valid_bpd=float(r["valid_bpd"]),
+        )
+        for r in rows
+    ]
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
 """benchmarks/ablations.py: the ablation variants and a miniature end-to-end study."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,12 +43,19 @@ def test_cifar10_variants_reproduce_the_official_ablation_widths(ablations):
     assert list(v) == ["full", "uniform-dequant", "affine", "no-attention"]
     assert v["full"] is base
     # The paper's ablation models, as registered from the official code.
-    for name, official in (("uniform-dequant", "cifar10-uniform-dequant"), ("affine", "cifar10-affine"),
-                           ("no-attention", "cifar10-no-attention")):
+    for name, official in (
+        ("uniform-dequant", "cifar10-uniform-dequant"),
+        ("affine", "cifar10-affine"),
+        ("no-attention", "cifar10-no-attention"),
+    ):
         assert _strip(v[name]) == _strip(flowpp.get_config(official)), name
     counts = {r["variant"]: r["parameters"] for r in ablations.variant_summary(v)}
-    assert counts == {"full": 31_443_440, "uniform-dequant": 32_324_408, "affine": 32_045_708,
-                      "no-attention": 31_443_440}
+    assert counts == {
+        "full": 31_443_440,
+        "uniform-dequant": 32_324_408,
+        "affine": 32_045_708,
+        "no-attention": 31_443_440,
+    }
     assert (v["uniform-dequant"].filters, v["uniform-dequant"].dequant_filters) == (104, 96)
     assert (v["affine"].filters, v["affine"].dequant_filters) == (108, 108)
 
@@ -60,8 +68,11 @@ def test_small_preset_variants_are_the_closest_in_parameters(ablations, name):
     v = ablations.make_variants(base)
     assert v["uniform-dequant"].dequantizer == "uniform" and v["uniform-dequant"].coupling == base.coupling
     assert v["affine"].coupling == "affine" and v["affine"].dequantizer == base.dequantizer
-    assert "attention" not in (v["no-attention"].mixer, v["no-attention"].dequant_mixer,
-                               v["no-attention"].context_mixer)
+    assert "attention" not in (
+        v["no-attention"].mixer,
+        v["no-attention"].dequant_mixer,
+        v["no-attention"].context_mixer,
+    )
     assert count(v["no-attention"]) == target  # same-size replacement, nothing widened
     for key, widened in (("uniform-dequant", ("filters",)), ("affine", ("filters", "dequant_filters"))):
         cfg = v[key]
@@ -78,10 +89,13 @@ def test_small_preset_variants_are_the_closest_in_parameters(ablations, name):
 
 def test_read_curve_interpolates_training_time(ablations, tmp_path):
     from flowpp.train import METRIC_FIELDS
-    rows = [dict(step=10, images_seen=80, train_bpd=5.0, train_seconds=2.0, wall_seconds=2.5),
-            dict(step=15, images_seen=120, valid_bpd=4.5, wall_seconds=4.0),
-            dict(step=20, images_seen=160, train_bpd=4.0, train_seconds=4.0, wall_seconds=5.0),
-            dict(step=20, images_seen=160, valid_bpd=4.2, train_seconds=4.0, wall_seconds=6.0)]
+
+    rows = [
+        dict(step=10, images_seen=80, train_bpd=5.0, train_seconds=2.0, wall_seconds=2.5),
+        dict(step=15, images_seen=120, valid_bpd=4.5, wall_seconds=4.0),
+        dict(step=20, images_seen=160, train_bpd=4.0, train_seconds=4.0, wall_seconds=5.0),
+        dict(step=20, images_seen=160, valid_bpd=4.2, train_seconds=4.0, wall_seconds=6.0),
+    ]
     lines = [",".join(METRIC_FIELDS)] + [",".join(str(r.get(k, "")) for k in METRIC_FIELDS) for r in rows]
     (tmp_path / "metrics.csv").write_text("\n".join(lines) + "\n")
     curve = ablations.read_curve(tmp_path / "metrics.csv")
@@ -91,18 +105,47 @@ def test_read_curve_interpolates_training_time(ablations, tmp_path):
 
 def _tiny_npz(path: Path) -> Path:
     rng = np.random.default_rng(0)
-    np.savez(path, **{k: rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
-                      for k, n in (("x_train", 48), ("x_valid", 12), ("x_test", 12))})
+    np.savez(
+        path,
+        **{
+            k: rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+            for k, n in (("x_train", 48), ("x_valid", 12), ("x_test", 12))
+        },
+    )
     return path
 
 
 def test_end_to_end_study_resume_and_plot_only(ablations, tmp_path, restore_threads):
     data = _tiny_npz(tmp_path / "tiny.npz")
     out = tmp_path / "study"
-    argv = ["--data", str(data), "--config", "tiny", "--out", str(out), "--steps-per-run", "3",
-            "--eval-every-steps", "2", "--seeds", "0", "--variants", "full,affine", "--eval-samples", "2",
-            "--eval-images", "6", "--curve-images", "6", "--num-samples", "1", "--threads", "1",
-            "--report-split", "test"]
+    argv = [
+        "--data",
+        str(data),
+        "--config",
+        "tiny",
+        "--out",
+        str(out),
+        "--steps-per-run",
+        "3",
+        "--eval-every-steps",
+        "2",
+        "--seeds",
+        "0",
+        "--variants",
+        "full,affine",
+        "--eval-samples",
+        "2",
+        "--eval-images",
+        "6",
+        "--curve-images",
+        "6",
+        "--num-samples",
+        "1",
+        "--threads",
+        "1",
+        "--report-split",
+        "test",
+    ]
     logs: list[str] = []
     assert ablations.main(argv, log=logs.append) == 0
     text = "\n".join(logs)
@@ -138,6 +181,7 @@ def test_end_to_end_study_resume_and_plot_only(ablations, tmp_path, restore_thre
         assert json.loads((run / ablations.RESULT_FILE).read_text())["steps"] == 3
     try:
         import matplotlib  # noqa: F401
+
         have_mpl = True
     except ImportError:
         have_mpl = False
@@ -171,14 +215,17 @@ def test_paired_delta_pairs_images_and_reports_each_seed(ablations):
         return dict(variant=variant, seed=seed, report=dict(per_image_iw_bpd=list(values), per_image_bpd=list(values)))
 
     full0, full1 = [3.0, 4.0, 5.0, 6.0], [3.1, 4.2, 4.9, 6.3]
-    results = [run("full", 0, full0), run("full", 1, full1),
-               run("affine", 0, [v + d for v, d in zip(full0, (0.10, 0.12, 0.08, 0.10))]),
-               run("affine", 1, [v + 0.2 for v in full1])]
+    results = [
+        run("full", 0, full0),
+        run("full", 1, full1),
+        run("affine", 0, [v + d for v, d in zip(full0, (0.10, 0.12, 0.08, 0.10))]),
+        run("affine", 1, [v + 0.2 for v in full1]),
+    ]
     d = ablations.paired_delta(results, "affine")
     assert d["per_seed"] == pytest.approx([0.10, 0.20])
     assert d["mean"] == pytest.approx(0.15) and d["seed_sd"] == pytest.approx(np.std([0.1, 0.2], ddof=1))
     # The image-to-image spread (values 3..6) cancels: only the spread of the differences is left.
     se0 = np.std([0.10, 0.12, 0.08, 0.10], ddof=1) / 2
-    assert d["se"] == pytest.approx(np.sqrt(se0 ** 2 + 0.0) / 2)
+    assert d["se"] == pytest.approx(np.sqrt(se0**2 + 0.0) / 2)
     assert ablations._delta(d) == "+0.150 ± 0.004 (seeds +0.100, +0.200)"
     assert ablations.paired_delta(results, "no-attention") is None

@@ -1,4 +1,5 @@
 """Smoke tests of the benchmark scripts (tiny config, CPU, one timed run)."""
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,44 @@ def _env():
 def test_bench_tiny_cpu(tmp_path):
     out = tmp_path / "tiny.json"
     # One thread: a shared small CPU can be much slower with busy-waiting OpenMP threads.
-    cmd = [sys.executable, str(BENCH), "--config", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-           "--device", "cpu", "--threads", "1", "--matmul-size", "256", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--matmul-size",
+        "256",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "train_img_per_s" in proc.stdout  # the table
 
     doc = json.loads(out.read_text())
     meta, m = doc["meta"], doc["metrics"]
-    for key in ("config", "batch_size", "dtype", "device", "device_name", "cpu_model", "threads", "torch_version",
-                "data_source", "commit"):
+    for key in (
+        "config",
+        "batch_size",
+        "dtype",
+        "device",
+        "device_name",
+        "cpu_model",
+        "threads",
+        "torch_version",
+        "data_source",
+        "commit",
+    ):
         assert key in meta, key
     assert meta["config"] == "tiny" and meta["batch_size"] == 2 and meta["threads"] == 1
 
@@ -61,8 +90,28 @@ def test_bench_tiny_cpu(tmp_path):
 
 def test_bench_only_and_cpu_bf16_is_ignored(tmp_path):
     out = tmp_path / "s.json"
-    cmd = [sys.executable, str(BENCH), "--config", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-           "--device", "cpu", "--threads", "1", "--only", "logprob", "--bf16", "--quiet", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--config",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--only",
+        "logprob",
+        "--bf16",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
@@ -78,12 +127,19 @@ def test_gpu_check_quick_cpu(tmp_path):
     env = _env()
     env["OUT"] = str(out)
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", str(GPU_CHECK), "--device", "cpu", "--quick"], capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        ["bash", str(GPU_CHECK), "--device", "cpu", "--quick"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     names = {p.stem for p in out.glob("*.json")}
-    assert {"cifar10_b64_fp32", "cifar10_b64_bf16", "sample8_fp32", "sample8_bf16", "imagenet64_b8_fp32",
-            "imagenet64_b8_bf16"} <= names
+    assert {
+        "cifar10_b64_fp32",
+        "cifar10_b64_bf16",
+        "sample8_fp32",
+        "sample8_bf16",
+        "imagenet64_b8_fp32",
+        "imagenet64_b8_bf16",
+    } <= names
     assert (out / "summary.txt").read_text().strip()
     doc = json.loads((out / "cifar10_b64_fp32.json").read_text())
     assert doc["metrics"]["train_img_per_s"]["value"] > 0

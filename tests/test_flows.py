@@ -1,5 +1,6 @@
 """Every invertible layer in float64 with random, non-identity parameters: round trips in both
 directions, inverse log-det = -forward log-det, and log-dets against autograd Jacobians."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +10,23 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 import torch
+from helpers import perturb_parameters
 
 from flowpp.ddi import data_dependent_init
-from flowpp.flows import (AffineCoupling, ChannelSplit, Inverse, ElementwiseNorm, LogitPreprocess,
-                          MixtureLogisticCoupling, Pointwise, Sequential, Sigmoid, Squeeze,
-                          StripeSplit, SwapHalves)
+from flowpp.flows import (
+    AffineCoupling,
+    ChannelSplit,
+    ElementwiseNorm,
+    Inverse,
+    LogitPreprocess,
+    MixtureLogisticCoupling,
+    Pointwise,
+    Sequential,
+    Sigmoid,
+    Squeeze,
+    StripeSplit,
+    SwapHalves,
+)
 from flowpp.nets import Conditioner
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -23,6 +36,7 @@ F64 = torch.float64
 
 
 # --- helpers: values are tensors or pairs of tensors -------------------------------------------
+
 
 def flat(v) -> torch.Tensor:
     """(B, n): a tensor or a pair, each sample flattened and the halves concatenated."""
@@ -36,21 +50,23 @@ def unflat(f: torch.Tensor, like):
         out, i = [], 0
         for t in like:
             n = t[0].numel()
-            out.append(f[:, i:i + n].reshape(f.shape[0], *t.shape[1:]))
+            out.append(f[:, i : i + n].reshape(f.shape[0], *t.shape[1:]))
             i += n
         return tuple(out)
     return f.reshape(f.shape[0], *like.shape[1:])
 
 
 def sample(v, i):
-    return tuple(t[i:i + 1] for t in v) if isinstance(v, tuple) else v[i:i + 1]
+    return tuple(t[i : i + 1] for t in v) if isinstance(v, tuple) else v[i : i + 1]
 
 
 def jacobian(fn, x, context=None, vectorize=False) -> torch.Tensor:
     """The (n, n) Jacobian of a layer direction at one sample x (batch of 1)."""
+
     def f(vec):
         out, _ = fn(unflat(vec[None], x), context)
         return flat(out)[0]
+
     return torch.autograd.functional.jacobian(f, flat(x)[0], vectorize=vectorize)
 
 
@@ -68,6 +84,7 @@ def pair(shape, seed, scale=1.0):
 
 # --- the layer cases ---------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     layer: torch.nn.Module
@@ -79,15 +96,12 @@ class Case:
     coupling: bool = False
 
 
-_PERTURB = []  # the conftest ``perturb`` function, handed over by the ``case`` fixture
-
-
 def _initialised(layer, make_input, context=None, seed=0):
     """Data-dependent init on one batch, then random perturbation of every parameter."""
     layer = layer.double()
     with data_dependent_init(layer):
         layer(make_input(seed + 500), context)
-    _PERTURB[0](layer, 0.1, seed=seed)
+    perturb_parameters(layer, 0.1, seed=seed)
     return layer
 
 
@@ -118,14 +132,20 @@ def _sequential():
     layers = Sequential(
         LogitPreprocess(256),
         StripeSplit(),
-        ElementwiseNorm(half), Pointwise(C),
-        MixtureLogisticCoupling(_conditioner(C, C * (2 + 3 * k), H, W // 2), C, k), SwapHalves(),
-        ElementwiseNorm(half), AffineCoupling(_conditioner(C, 2 * C, H, W // 2), C), SwapHalves(),
+        ElementwiseNorm(half),
+        Pointwise(C),
+        MixtureLogisticCoupling(_conditioner(C, C * (2 + 3 * k), H, W // 2), C, k),
+        SwapHalves(),
+        ElementwiseNorm(half),
+        AffineCoupling(_conditioner(C, 2 * C, H, W // 2), C),
+        SwapHalves(),
         Inverse(StripeSplit()),
         Squeeze(),
         ChannelSplit(),
-        ElementwiseNorm(ch_half), Pointwise(2 * C),
-        MixtureLogisticCoupling(_conditioner(2 * C, 2 * C * (2 + 3 * k), H // 2, W // 2), 2 * C, k), SwapHalves(),
+        ElementwiseNorm(ch_half),
+        Pointwise(2 * C),
+        MixtureLogisticCoupling(_conditioner(2 * C, 2 * C * (2 + 3 * k), H // 2, W // 2), 2 * C, k),
+        SwapHalves(),
         Inverse(ChannelSplit()),
     )
     mk = lambda s: 256.0 * torch.rand(B, C, H, W, generator=g(s), dtype=F64)  # noqa: E731
@@ -155,19 +175,31 @@ def _tensor(s, c=C):
 
 CASES = {
     "LogitPreprocess(256)": lambda: Case(
-        LogitPreprocess(256).double(), lambda s: 256.0 * torch.rand(B, C, H, W, generator=g(s), dtype=F64),
-        lambda s: randn(B, C, H, W, seed=s, scale=2.0), elementwise=True),
+        LogitPreprocess(256).double(),
+        lambda s: 256.0 * torch.rand(B, C, H, W, generator=g(s), dtype=F64),
+        lambda s: randn(B, C, H, W, seed=s, scale=2.0),
+        elementwise=True,
+    ),
     "LogitPreprocess(17, margin=0)": lambda: Case(
         LogitPreprocess(17, margin=0.0).double(),
         lambda s: 0.01 + 16.98 * torch.rand(B, C, H, W, generator=g(s), dtype=F64),
-        lambda s: randn(B, C, H, W, seed=s, scale=3.0), elementwise=True),
-    "Sigmoid": lambda: Case(Sigmoid(), lambda s: randn(B, C, H, W, seed=s, scale=3.0),
-                            lambda s: 0.01 + 0.98 * torch.rand(B, C, H, W, generator=g(s), dtype=F64),
-                            elementwise=True),
+        lambda s: randn(B, C, H, W, seed=s, scale=3.0),
+        elementwise=True,
+    ),
+    "Sigmoid": lambda: Case(
+        Sigmoid(),
+        lambda s: randn(B, C, H, W, seed=s, scale=3.0),
+        lambda s: 0.01 + 0.98 * torch.rand(B, C, H, W, generator=g(s), dtype=F64),
+        elementwise=True,
+    ),
     "StripeSplit": lambda: Case(StripeSplit(), _tensor, volume_preserving=True),
-    "Inverse(StripeSplit)": lambda: Case(Inverse(StripeSplit()), lambda s: pair((C, H, W // 2), s), volume_preserving=True),
+    "Inverse(StripeSplit)": lambda: Case(
+        Inverse(StripeSplit()), lambda s: pair((C, H, W // 2), s), volume_preserving=True
+    ),
     "ChannelSplit": lambda: Case(ChannelSplit(), lambda s: _tensor(s, 4), volume_preserving=True),
-    "Inverse(ChannelSplit)": lambda: Case(Inverse(ChannelSplit()), lambda s: pair((2, H, W), s), volume_preserving=True),
+    "Inverse(ChannelSplit)": lambda: Case(
+        Inverse(ChannelSplit()), lambda s: pair((2, H, W), s), volume_preserving=True
+    ),
     "SwapHalves": lambda: Case(SwapHalves(), lambda s: pair((C, H, W // 2), s), volume_preserving=True),
     "Squeeze": lambda: Case(Squeeze(), lambda s: _tensor(s, 3), volume_preserving=True),
     "ElementwiseNorm(pair)": lambda: _norm(2),
@@ -176,14 +208,20 @@ CASES = {
     "MixtureLogisticCoupling": lambda: _mixture_coupling(),
     "MixtureLogisticCoupling(context)": lambda: _mixture_coupling(context_channels=3, seed=6),
     "MixtureLogisticCoupling(K=1, no attention, concat_elu, weight_norm)": lambda: _mixture_coupling(
-        k=1, seed=7, mixer="pointwise", final_concat_elu=True, weight_norm=True),
+        k=1, seed=7, mixer="pointwise", final_concat_elu=True, weight_norm=True
+    ),
     "AffineCoupling": lambda: _affine_coupling(),
     "AffineCoupling(no mixer, no layer norm)": lambda: _affine_coupling(seed=8, mixer="none", layer_norm=False),
     "Sequential": _sequential,
 }
 
-ELEMENTWISE = ["LogitPreprocess(256)", "LogitPreprocess(17, margin=0)", "Sigmoid", "ElementwiseNorm(pair)",
-               "ElementwiseNorm(single)"]
+ELEMENTWISE = [
+    "LogitPreprocess(256)",
+    "LogitPreprocess(17, margin=0)",
+    "Sigmoid",
+    "ElementwiseNorm(pair)",
+    "ElementwiseNorm(single)",
+]
 COUPLINGS = [name for name in CASES if "Coupling" in name]
 # Layers whose inverse is closed-form (the couplings' inverse runs an iterative solver: their
 # inverse log-det is tested against -forward log-det instead of an autograd Jacobian).
@@ -193,8 +231,7 @@ _built: dict[str, Case] = {}
 
 
 @pytest.fixture(params=list(CASES))
-def case(request, perturb) -> Case:
-    _PERTURB[:] = [perturb]
+def case(request) -> Case:
     if request.param not in _built:
         torch.manual_seed(0)
         _built[request.param] = CASES[request.param]()
@@ -229,6 +266,7 @@ def report_measurements():
 
 
 # --- generic properties --------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_round_trip_forward_then_inverse(case, request):
@@ -274,7 +312,7 @@ def test_logdet_matches_jacobian(case, request):
         _, ld = case.layer(x, case.context)
     worst = 0.0
     for i in range(B):
-        ctx = None if case.context is None else case.context[i:i + 1]
+        ctx = None if case.context is None else case.context[i : i + 1]
         jac = jacobian(case.layer, sample(x, i), ctx)
         sign, logabs = torch.linalg.slogdet(jac)
         assert sign != 0
@@ -330,6 +368,7 @@ def test_coupling_is_block_triangular_and_far_from_identity(case):
 
 # --- specific layers -------------------------------------------------------------------------------
 
+
 def space_to_depth_reference(x: np.ndarray) -> np.ndarray:
     """TF space_to_depth(block 2) written out on NCHW: out[:, (dy*2 + dx)*C + c, i, j] = x[:, c, 2i+dy, 2j+dx]."""
     b, c, h, w = x.shape
@@ -381,8 +420,15 @@ def test_channel_split_and_swap():
     assert b2 is b and a2 is a
 
 
-@pytest.mark.parametrize("layer, shape", [(Squeeze(), (1, 2, 3, 4)), (Squeeze(), (1, 2, 4, 3)),
-                                          (StripeSplit(), (1, 2, 4, 3)), (ChannelSplit(), (1, 3, 4, 4))])
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (Squeeze(), (1, 2, 3, 4)),
+        (Squeeze(), (1, 2, 4, 3)),
+        (StripeSplit(), (1, 2, 4, 3)),
+        (ChannelSplit(), (1, 3, 4, 4)),
+    ],
+)
 def test_reshapes_reject_odd_sizes(layer, shape):
     with pytest.raises(ValueError, match=r"got shape \(" + ", ".join(map(str, shape)) + r"\)"):
         layer(torch.zeros(shape))
@@ -458,6 +504,7 @@ def test_float32_model_with_float64_mixture(perturb):
 
 # --- float64 accuracy of the fixed elementwise log-dets (torch softplus threshold) ----------------
 
+
 @pytest.mark.parametrize("which", ["Sigmoid", "LogitPreprocess(margin=0)"])
 def test_elementwise_logdet_float64_past_softplus_threshold(which):
     # Regression: F.softplus (linear past threshold 20) lost log1p(exp(-|x|)), up to 2e-9 in float64.
@@ -468,7 +515,7 @@ def test_elementwise_logdet_float64_past_softplus_threshold(which):
         _, ld = Sigmoid()(x)
     else:
         # p = x / 256 = 1 - 2^-36 exactly; y = logit(p) ~ 24.95; d y / d x = 1 / (256 p (1 - p))
-        x = torch.tensor([[256.0 - 2.0 ** -28]], dtype=F64)
-        expected = -math.log(256.0) - math.log1p(-(2.0 ** -36)) + 36 * math.log(2.0)
+        x = torch.tensor([[256.0 - 2.0**-28]], dtype=F64)
+        expected = -math.log(256.0) - math.log1p(-(2.0**-36)) + 36 * math.log(2.0)
         _, ld = LogitPreprocess(256, margin=0.0)(x)
     assert ld.item() == pytest.approx(expected, rel=4 * torch.finfo(F64).eps)

@@ -6,6 +6,7 @@ in numpy for the inverse. Error tolerances are forward-error bounds: a few machi
 times the condition number of the quantity, so they are strict where the problem is well
 conditioned and do not flag the unavoidable loss where it is not.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ DTYPES = [torch.float32, torch.float64]
 
 
 # --- the independent reference ----------------------------------------------------------------
+
 
 def _np(t):
     return t.detach().to(torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
@@ -113,6 +115,7 @@ def spread_points(means, log_scales, seed=0):
 
 # --- log cdf / log sf / log pdf ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [1, 4, 32])
 def test_log_functions_match_scipy(dtype, k):
@@ -123,14 +126,16 @@ def test_log_functions_match_scipy(dtype, k):
     lw_mag = np.abs(log_softmax(_np(logits), axis=-1)).max(-1)
     z_mag = np.abs(r["z"]).max(-1)
     terms = M.mixture_terms(x, logits, means, log_scales)
-    checks = (("cdf", M.mixture_log_cdf(x, logits, means, log_scales), 0.0),
-              ("sf", M.mixture_log_sf(x, logits, means, log_scales), 0.0),
-              ("cdf", terms.log_cdf, 0.0),
-              # The one-pass version derives log(1 - F) as log F - z, which costs |z| eps in
-              # absolute terms where F ~ 0 (harmless: log F ~ z dominates the logit and the
-              # log-det there).
-              ("sf", terms.log_sf, 16 * eps * (1.0 + z_mag)),
-              ("pdf", terms.log_pdf, 0.0))
+    checks = (
+        ("cdf", M.mixture_log_cdf(x, logits, means, log_scales), 0.0),
+        ("sf", M.mixture_log_sf(x, logits, means, log_scales), 0.0),
+        ("cdf", terms.log_cdf, 0.0),
+        # The one-pass version derives log(1 - F) as log F - z, which costs |z| eps in
+        # absolute terms where F ~ 0 (harmless: log F ~ z dominates the logit and the
+        # log-det there).
+        ("sf", terms.log_sf, 16 * eps * (1.0 + z_mag)),
+        ("pdf", terms.log_pdf, 0.0),
+    )
     for i, (key, got, extra) in enumerate(checks):
         assert got.dtype == dtype and got.shape == x.shape
         ref = r[key]
@@ -153,8 +158,10 @@ def test_standalone_log_pdf_matches_scipy(dtype):
     lw_mag = np.abs(log_softmax(_np(logits), axis=-1)).max(-1)
     tol = 16 * eps * (np.abs(r["pdf"]) + condition(r, "pdf") + lw_mag)
     err = np.abs(_np(M.mixture_log_pdf(x, logits, means, log_scales)) - r["pdf"])
-    print(f"\n[mixture] {dtype}: mixture_log_pdf max abs error vs scipy {err.max():.3g} "
-          f"(error / tolerance {(err / tol).max():.3g})")
+    print(
+        f"\n[mixture] {dtype}: mixture_log_pdf max abs error vs scipy {err.max():.3g} "
+        f"(error / tolerance {(err / tol).max():.3g})"
+    )
     assert (err <= tol).all(), f"worst error {err.max():.3g}"
 
 
@@ -208,8 +215,18 @@ def test_logit_cdf_and_its_log_derivative(dtype):
     assert (np.abs(_np(logit) - ref) <= tol).all()
     ref_log_deriv = r["pdf"] - r["cdf"] - r["sf"]
     rel = np.abs(_np(log_deriv) - ref_log_deriv)
-    tol_d = 32 * eps * (np.abs(r["pdf"]) + np.abs(r["cdf"]) + np.abs(r["sf"]) + condition(r, "pdf")
-                        + condition(r, "cdf") + condition(r, "sf"))
+    tol_d = (
+        32
+        * eps
+        * (
+            np.abs(r["pdf"])
+            + np.abs(r["cdf"])
+            + np.abs(r["sf"])
+            + condition(r, "pdf")
+            + condition(r, "cdf")
+            + condition(r, "sf")
+        )
+    )
     assert (rel <= tol_d).all(), f"log-derivative: worst {rel.max():.3g}"
     # autograd of the logit equals exp(log-derivative)
     rel_grad = (grad / log_deriv.exp() - 1).abs().max().item()
@@ -229,6 +246,7 @@ def test_log_cdf_gradient_is_pdf_over_cdf():
 
 
 # --- the inverse --------------------------------------------------------------------------------
+
 
 def inverse_errors(v, logits, means, log_scales, x_hat, abs_slack=0.0):
     """|x_hat - x_ref| and its ratio to eps * (|x| + max|mu| + (1 + |v|) / slope + abs_slack), where
@@ -251,7 +269,8 @@ NEWTON_TWO_CYCLE = (
     "a solver that accepts a Newton iterate ON a bracket end ('newton >= lo' / "
     "'newton <= hi'), so Newton can settle into a 2-cycle x = lo, hi, lo, ... whose points are "
     "the bracket ends: the bracket never shrinks, nothing bisects, and after max_iters it returns "
-    "a point that is not a root (here 0.31 away, logit residual 0.13), in float32 and float64")
+    "a point that is not a root (here 0.31 away, logit residual 0.13), in float32 and float64"
+)
 
 
 EXTREME_CASES = {
@@ -298,10 +317,13 @@ def test_inverse_logit_cdf_accuracy(case, dtype):
     x_hat = M.mixture_inverse_logit_cdf(v, logits, means, log_scales)
     assert x_hat.dtype == dtype and x_hat.shape == v.shape and torch.isfinite(x_hat).all()
     err, ratio = inverse_errors(v, logits, means, log_scales, x_hat)
-    resid = np.abs(_np(M.mixture_logit_cdf(x_hat.double(), logits.double(), means.double(),
-                                           log_scales.double())[0]) - _np(v))
-    print(f"\n[inverse logit-CDF] {case:>20s} {str(dtype):>13s}: max |x - x_ref| = {err.max():.3g}, "
-          f"max error / (eps * scale) = {ratio.max():.3g}, max |logit F(x) - v| = {resid.max():.3g}")
+    resid = np.abs(
+        _np(M.mixture_logit_cdf(x_hat.double(), logits.double(), means.double(), log_scales.double())[0]) - _np(v)
+    )
+    print(
+        f"\n[inverse logit-CDF] {case:>20s} {str(dtype):>13s}: max |x - x_ref| = {err.max():.3g}, "
+        f"max error / (eps * scale) = {ratio.max():.3g}, max |logit F(x) - v| = {resid.max():.3g}"
+    )
     assert ratio.max() <= 64
 
 
@@ -328,8 +350,10 @@ def test_inverse_cdf_extreme_probabilities_float64(k):
     rel_hi = np.abs(r["sf"] - np.log1p(-un)) / np.abs(np.log1p(-un))
     small = un < 0.5
     worst = max(rel_lo[small].max(), rel_hi[~small].max())
-    print(f"\n[inverse CDF] float64 K={k}: u in {{1e-300, 1e-12, 1e-6, 0.5, 1-1e-6, 1-1e-12}}: "
-          f"max relative error of log F (u<0.5) / log(1-F) (u>=0.5) = {worst:.3g}")
+    print(
+        f"\n[inverse CDF] float64 K={k}: u in {{1e-300, 1e-12, 1e-6, 0.5, 1-1e-6, 1-1e-12}}: "
+        f"max relative error of log F (u<0.5) / log(1-F) (u>=0.5) = {worst:.3g}"
+    )
     assert worst < 1e-9
 
 
@@ -337,13 +361,15 @@ def test_inverse_cdf_extreme_probabilities_float64(k):
 def test_inverse_cdf_extreme_probabilities_float32(k):
     logits, means, log_scales = random_params(4, k, seed=k, dtype=torch.float32)
     log_scales[0] = -7.0
-    u = torch.tensor([1e-30, 1e-7, 0.5, 1 - 2.0 ** -24], dtype=torch.float32)
+    u = torch.tensor([1e-30, 1e-7, 0.5, 1 - 2.0**-24], dtype=torch.float32)
     x = M.mixture_inverse_cdf(u, logits, means, log_scales)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     v = torch.logit(u.double())
     err, ratio = inverse_errors(v, logits, means, log_scales, x)
-    print(f"\n[inverse CDF] float32 K={k}: u in {{1e-30, 1e-7, 0.5, 1-2^-24}}: max |x - x_ref| = {err.max():.3g}, "
-          f"max error / (eps * scale) = {ratio.max():.3g}")
+    print(
+        f"\n[inverse CDF] float32 K={k}: u in {{1e-30, 1e-7, 0.5, 1-2^-24}}: max |x - x_ref| = {err.max():.3g}, "
+        f"max error / (eps * scale) = {ratio.max():.3g}"
+    )
     assert ratio.max() <= 64
 
 
@@ -382,8 +408,7 @@ def test_inverse_escapes_newton_two_cycle(dtype):
 def test_inverse_is_differentiable_and_batched():
     logits, means, log_scales = random_params(12, 3, seed=9)
     v = torch.linspace(-5, 5, 12, dtype=torch.float64)
-    x = M.mixture_inverse_logit_cdf(v.view(3, 4), logits.view(3, 4, 3), means.view(3, 4, 3),
-                                    log_scales.view(3, 4, 3))
+    x = M.mixture_inverse_logit_cdf(v.view(3, 4), logits.view(3, 4, 3), means.view(3, 4, 3), log_scales.view(3, 4, 3))
     assert x.shape == (3, 4)
     x_flat = M.mixture_inverse_logit_cdf(v, logits, means, log_scales)
     assert torch.equal(x.reshape(-1), x_flat)
@@ -406,8 +431,9 @@ def mixtures(draw, max_k=32):
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(mix=mixtures(), xs=st.lists(st.floats(-2e3, 2e3, **finite), min_size=2, max_size=40),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    mix=mixtures(), xs=st.lists(st.floats(-2e3, 2e3, **finite), min_size=2, max_size=40), dtype=st.sampled_from(DTYPES)
+)
 def test_cdf_is_monotone(mix, xs, dtype):
     logits, means, log_scales = (torch.tensor(a, dtype=dtype) for a in mix)
     x = torch.tensor(sorted(xs), dtype=dtype).sort().values
@@ -425,9 +451,11 @@ def test_cdf_is_monotone(mix, xs, dtype):
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(mix=mixtures(), vs=st.lists(st.one_of(st.sampled_from([-30.0, 30.0, 0.0]), st.floats(-30, 30, **finite)),
-                                   min_size=1, max_size=8),
-       dtype=st.sampled_from(DTYPES))
+@given(
+    mix=mixtures(),
+    vs=st.lists(st.one_of(st.sampled_from([-30.0, 30.0, 0.0]), st.floats(-30, 30, **finite)), min_size=1, max_size=8),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_inverse_logit_accuracy_property(mix, vs, dtype):
     n = len(vs)
     logits, means, log_scales = (torch.tensor(a, dtype=dtype).expand(n, -1) for a in mix)
@@ -439,8 +467,12 @@ def test_inverse_logit_accuracy_property(mix, vs, dtype):
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(mix=mixtures(), us=st.lists(st.one_of(st.sampled_from([1e-12, 1 - 1e-12, 0.5]), st.floats(1e-12, 1 - 1e-12)),
-                                   min_size=1, max_size=8))
+@given(
+    mix=mixtures(),
+    us=st.lists(
+        st.one_of(st.sampled_from([1e-12, 1 - 1e-12, 0.5]), st.floats(1e-12, 1 - 1e-12)), min_size=1, max_size=8
+    ),
+)
 def test_inverse_cdf_property_float64(mix, us):
     n = len(us)
     logits, means, log_scales = (torch.tensor(a, dtype=torch.float64).expand(n, -1) for a in mix)

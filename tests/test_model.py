@@ -1,9 +1,10 @@
 """The whole model: the `tiny` config in float64 with random non-identity parameters."""
+
 from __future__ import annotations
 
 import io
-import shutil
 import math
+import shutil
 
 import pytest
 import torch
@@ -44,6 +45,7 @@ def jacobian_of(fn, x):
 
 # --- the main flow and the dequantizer flow ----------------------------------------------------------
 
+
 def test_tiny_model_structure(tiny_model, tiny_config):
     assert tiny_model.latent_shape == (12, 4, 4)
     n_coupling = sum(isinstance(m, MixtureLogisticCoupling) for m in tiny_model.flow.modules())
@@ -70,8 +72,10 @@ def test_main_flow_round_trips(tiny_model, tiny_config):
     z1, ld0 = tiny_model.flow(y0)
     err_z = (z1 - z0).abs().max().item()
     err_ld0 = (ld0 + ild0).abs().max().item()
-    print(f"\n[model] tiny main flow, float64: |y - f^-1(f(y))| {err_x:.3g}, |z - f(f^-1(z))| {err_z:.3g}, "
-          f"|ld + ld_inv| {max(err_ld, err_ld0):.3g}")
+    print(
+        f"\n[model] tiny main flow, float64: |y - f^-1(f(y))| {err_x:.3g}, |z - f(f^-1(z))| {err_z:.3g}, "
+        f"|ld + ld_inv| {max(err_ld, err_ld0):.3g}"
+    )
     assert err_x < 1e-9 and err_z < 1e-9 and err_ld < 1e-9 and err_ld0 < 1e-9
     # the coupling stack is far from the identity
     assert (z - tiny_model.flow[0](y)[0].reshape(6, 12, 4, 4)).abs().max() > 1.0
@@ -85,8 +89,9 @@ def test_main_flow_logdet_matches_full_jacobian(tiny_model, tiny_config):
     assert jac.shape == (192, 192)
     sign, logabs = torch.linalg.slogdet(jac)
     err = abs(logabs.item() - ld.item())
-    print(f"\n[model] tiny main flow: log|det J| (192x192) {logabs.item():.6f} vs logdet {ld.item():.6f}: "
-          f"diff {err:.3g}")
+    print(
+        f"\n[model] tiny main flow: log|det J| (192x192) {logabs.item():.6f} vs logdet {ld.item():.6f}: diff {err:.3g}"
+    )
     assert sign.item() != 0
     assert err < 1e-9
 
@@ -112,8 +117,10 @@ def test_dequantizer_flow_round_trips_with_context(tiny_model, tiny_config):
     e0, ild0 = tiny_model.dequantizer.flow.inverse(u0, ctx)
     u1, ld0 = tiny_model.dequantizer.flow(e0, ctx)
     err_u = (u1 - u0).abs().max().item()
-    print(f"\n[model] tiny dequantizer flow: |eps - g^-1(g(eps))| {err:.3g}, |u - g(g^-1(u))| {err_u:.3g}, "
-          f"|ld + ld_inv| {max(err_ld, (ld0 + ild0).abs().max().item()):.3g}")
+    print(
+        f"\n[model] tiny dequantizer flow: |eps - g^-1(g(eps))| {err:.3g}, |u - g(g^-1(u))| {err_u:.3g}, "
+        f"|ld + ld_inv| {max(err_ld, (ld0 + ild0).abs().max().item()):.3g}"
+    )
     assert err < 1e-9 and err_u < 1e-9 and err_ld < 1e-9 and (ld0 + ild0).abs().max().item() < 1e-9
     # The context matters: another image gives another u.
     u_other, _ = tiny_model.dequantizer.flow(eps, tiny_model.dequantizer.context_net(255 - x))
@@ -128,8 +135,10 @@ def test_dequantizer_flow_logdet_matches_full_jacobian(tiny_model, tiny_config):
     jac = jacobian_of(lambda v: tiny_model.dequantizer.flow(v, ctx)[0], eps)
     sign, logabs = torch.linalg.slogdet(jac)
     err = abs(logabs.item() - ld.item())
-    print(f"\n[model] tiny dequantizer flow: log|det J| (192x192) {logabs.item():.6f} vs logdet {ld.item():.6f}: "
-          f"diff {err:.3g}")
+    print(
+        f"\n[model] tiny dequantizer flow: log|det J| (192x192) {logabs.item():.6f} vs logdet {ld.item():.6f}: "
+        f"diff {err:.3g}"
+    )
     assert sign.item() != 0 and err < 1e-9
 
 
@@ -165,12 +174,13 @@ def test_flow_treats_samples_independently(tiny_model, tiny_config):
     y = continuous(tiny_config, 4, seed=12)
     z, ld = tiny_model.flow(y)
     for i in range(4):
-        zi, ldi = tiny_model.flow(y[i:i + 1])
-        assert torch.allclose(zi, z[i:i + 1], rtol=1e-12, atol=1e-12)
-        assert torch.allclose(ldi, ld[i:i + 1], rtol=1e-12, atol=1e-12)
+        zi, ldi = tiny_model.flow(y[i : i + 1])
+        assert torch.allclose(zi, z[i : i + 1], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(ldi, ld[i : i + 1], rtol=1e-12, atol=1e-12)
 
 
 # --- data-dependent init and checkpoints ---------------------------------------------------------------
+
 
 def test_initialize_is_idempotent(tiny_config):
     torch.manual_seed(0)
@@ -220,13 +230,17 @@ def test_state_dict_round_trip_keeps_init_and_log_prob(tiny_config, tiny_model):
 
 # --- gradients, train / eval ------------------------------------------------------------------------
 
+
 def test_gradients_reach_every_parameter(tiny_model, tiny_config):
     x = images(tiny_config, 4, seed=15)
     loss = -tiny_model.log_prob(x, generator=gen(0)).mean()
     loss.backward()
     missing = [n for n, p in tiny_model.named_parameters() if p.requires_grad and p.grad is None]
-    zero = [n for n, p in tiny_model.named_parameters() if p.requires_grad and p.grad is not None
-            and not bool(p.grad.abs().sum() > 0)]
+    zero = [
+        n
+        for n, p in tiny_model.named_parameters()
+        if p.requires_grad and p.grad is not None and not bool(p.grad.abs().sum() > 0)
+    ]
     assert not missing and not zero, (missing, zero)
     assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
 
@@ -260,6 +274,7 @@ def test_dropout_acts_in_train_mode_only(tiny_config):
 
 
 # --- bits per dim of a uniform density -------------------------------------------------------------
+
 
 class _LogisticPriorModel(flowpp.FlowPlusPlus):
     """Uniform dequantization, main flow = LogitPreprocess(L, margin 0), standard logistic prior:
@@ -295,8 +310,10 @@ BAD_INPUTS = {
     "wrong channels": (lambda: torch.zeros(2, 1, 8, 8, dtype=torch.long), ["(B, 3, 8, 8)", "(2, 1, 8, 8)"]),
     "wrong size": (lambda: torch.zeros(2, 3, 8, 6, dtype=torch.long), ["(B, 3, 8, 8)", "(2, 3, 8, 6)"]),
     "3-D tensor": (lambda: torch.zeros(3, 8, 8, dtype=torch.long), ["(B, 3, 8, 8)", "(3, 8, 8)"]),
-    "negative values": (lambda: torch.full((2, 3, 8, 8), 5).index_put_((torch.tensor(0),), torch.tensor(-1)),
-                        ["[0, 256)", "[-1, 5]"]),
+    "negative values": (
+        lambda: torch.full((2, 3, 8, 8), 5).index_put_((torch.tensor(0),), torch.tensor(-1)),
+        ["[0, 256)", "[-1, 5]"],
+    ),
     "values >= L": (lambda: torch.full((2, 3, 8, 8), 256), ["[0, 256)", "[256, 256]"]),
     "float images": (lambda: torch.full((2, 3, 8, 8), 3.0), ["integer", "torch.float32"]),
     "not a tensor": (lambda: [[0]], ["torch.Tensor", "list"]),
@@ -317,6 +334,7 @@ def test_bad_input_raises_value_error_saying_what_was_expected(method, bad, tiny
 
 
 # --- sampling and the continuous bijection ------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_sample(tiny_model, tiny_config):
@@ -344,8 +362,14 @@ def test_decode_inverts_encode(tiny_model, tiny_config):
 VARIANTS = {
     "affine": dict(coupling="affine"),
     "no attention": dict(mixer="pointwise", dequant_mixer="pointwise"),
-    "imagenet-style": dict(weight_norm=True, final_concat_elu=True, mixture_float64=True, pointwise=False,
-                           context_mixer="attention", context_layer_norm=True),
+    "imagenet-style": dict(
+        weight_norm=True,
+        final_concat_elu=True,
+        mixture_float64=True,
+        pointwise=False,
+        context_mixer="attention",
+        context_layer_norm=True,
+    ),
     "uniform dequantizer": dict(dequantizer="uniform"),
     "frozen dequant pos emb": dict(dequant_mixer="none", dequant_frozen_pos_emb=True),
 }
@@ -437,8 +461,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         assert torch.allclose(g, r, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
 def test_compile_networks_gives_the_same_numbers():
     import torch._dynamo
 

@@ -1,4 +1,5 @@
 """Conditioner building blocks and data-dependent init (float64, tiny shapes)."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from flowpp.ddi import data_dependent_init, is_initialized
-from flowpp.nets import (ChannelLayerNorm, Conditioner, ContextNet, GatedAttention, GatedBlock, GatedConv,
-                         GatedPointwise, InitConv2d, concat_elu)
+from flowpp.nets import (
+    ChannelLayerNorm,
+    Conditioner,
+    ContextNet,
+    GatedAttention,
+    GatedBlock,
+    GatedConv,
+    GatedPointwise,
+    InitConv2d,
+    concat_elu,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -21,6 +31,7 @@ def randn(*shape, seed=0, scale=1.0, shift=0.0):
 
 
 # --- InitConv2d and data-dependent init ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("weight_norm", [False, True], ids=["plain", "weight_norm"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
@@ -104,6 +115,7 @@ def test_channel_layer_norm_normalises_over_channels():
 
 # --- gated blocks against explicit formulas -------------------------------------------------------
 
+
 def _random_init(module, seed):
     """Random offsets on every parameter (biases start at 0, gains at 1): nothing trivially zero."""
     g = torch.Generator().manual_seed(seed)
@@ -152,8 +164,8 @@ def test_gated_attention_matches_explicit_multi_head_attention():
         for head in range(heads):
             sl = slice(head * d, (head + 1) * d)
             q = qkv[b, :c][sl].reshape(d, h * w).T
-            k = qkv[b, c:2 * c][sl].reshape(d, h * w).T
-            v = qkv[b, 2 * c:][sl].reshape(d, h * w).T
+            k = qkv[b, c : 2 * c][sl].reshape(d, h * w).T
+            v = qkv[b, 2 * c :][sl].reshape(d, h * w).T
             att = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
             out[b, sl] = (att @ v).T
     expected = x + gate(conv_apply(block.proj_out, out.reshape(2, c, h, w)))
@@ -175,11 +187,13 @@ def test_gated_pointwise_formula():
 
 def test_gated_block_rejects_unknown_mixer():
     with pytest.raises(ValueError, match="unknown mixer 'conv'"):
-        GatedBlock(4, mixer="conv", heads=2, layer_norm=True, context_channels=0, gate_kernel=1, dropout=0.0,
-                   weight_norm=False)
+        GatedBlock(
+            4, mixer="conv", heads=2, layer_norm=True, context_channels=0, gate_kernel=1, dropout=0.0, weight_norm=False
+        )
 
 
 # --- conditioner and context network ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mixer", ["attention", "pointwise", "none"])
 def test_conditioner_init_gives_small_outputs(mixer):

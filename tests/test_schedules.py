@@ -15,7 +15,7 @@ def test_imagenet32_schedule():
     cfg = flowpp.get_config("imagenet32")
     assert learning_rate(cfg, 2500) == pytest.approx(5e-4)
     assert learning_rate(cfg, 50_000) == pytest.approx(1e-3)
-    assert learning_rate(cfg, 60_000) == pytest.approx(1e-3 * 0.99995 ** 10_000)
+    assert learning_rate(cfg, 60_000) == pytest.approx(1e-3 * 0.99995**10_000)
     assert learning_rate(cfg, 10**6) == pytest.approx(3e-4)
 
 
@@ -38,7 +38,9 @@ def test_cosine_schedule_knows_the_budget():
     cfg = flowpp.get_config("mnist")
     peak = cfg.lr
     # a short budget: warm-up ends at 5% of it even though warmup_steps is not reached
-    assert learning_rate(cfg, 10, progress=0.05) == pytest.approx(peak * (1 + __import__("math").cos(0.05 * 3.14159265)) / 2, rel=1e-4)
+    assert learning_rate(cfg, 10, progress=0.05) == pytest.approx(
+        peak * (1 + __import__("math").cos(0.05 * 3.14159265)) / 2, rel=1e-4
+    )
     assert learning_rate(cfg, 1, progress=0.01) < 0.25 * peak
     assert learning_rate(cfg, 5000, progress=0.5) == pytest.approx(cfg.min_lr + (peak - cfg.min_lr) / 2)
     assert learning_rate(cfg, 9999, progress=1.0) == pytest.approx(cfg.min_lr)
@@ -52,7 +54,7 @@ def test_imagenet64_5bit_schedule_is_the_repaired_release_schedule():
         assert learning_rate(cfg, step) >= 0
     assert learning_rate(cfg, 5_000) == pytest.approx(2e-4)
     assert learning_rate(cfg, 50_000) == pytest.approx(4e-4)
-    assert learning_rate(cfg, 52_000) == pytest.approx(4e-4 * 0.99995 ** 2_000)
+    assert learning_rate(cfg, 52_000) == pytest.approx(4e-4 * 0.99995**2_000)
     assert learning_rate(cfg, 100_000) == pytest.approx(3e-4)
     assert learning_rate(cfg, 120_000) == pytest.approx(5e-6)
     assert learning_rate(cfg, 130_000) == learning_rate(cfg, 10**6) == pytest.approx(1e-5)
@@ -62,7 +64,7 @@ def test_celeba_schedules():
     c64 = flowpp.get_config("celeba64-5bit")
     assert learning_rate(c64, 10_000) == pytest.approx(2e-5)
     assert learning_rate(c64, 20_000) == learning_rate(c64, 50_000) == pytest.approx(4e-5)
-    assert learning_rate(c64, 51_000) == pytest.approx(4e-5 * 0.9995 ** 1_000)
+    assert learning_rate(c64, 51_000) == pytest.approx(4e-5 * 0.9995**1_000)
     assert learning_rate(c64, 60_000) == pytest.approx(1e-5)  # 0.9995^10k would be far below: floored
     c128 = flowpp.get_config("celeba128-5bit")
     assert learning_rate(c128, 25_000) == pytest.approx(5e-6)

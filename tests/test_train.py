@@ -1,13 +1,32 @@
 """Pieces of the training loop, tested on their own."""
+
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import flowpp
-from flowpp.train import backward_and_clip
+from flowpp.checkpoint import CheckpointError
+from flowpp.distributed import DistInfo
+from flowpp.runs import RunDir
+from flowpp.train import (
+    EMA,
+    METRIC_FIELDS,
+    CheckpointKeeper,
+    MetricsWriter,
+    TrainSettings,
+    TrainState,
+    agree,
+    backward_and_clip,
+    batch_iterator,
+    budget_used,
+    learning_rate_now,
+    train_step,
+)
 
 
 def _grad_norm(params):
@@ -45,3 +64,144 @@ def test_nats_units_give_adam_the_official_gradient(tiny_model):
     backward_and_clip(bpd, params, cfg)
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
+
+
+# --- the other pieces ---------------------------------------------------------------------------
+
+
+def test_train_state_round_trips_and_reads_older_checkpoints():
+    state = TrainState(step=7, images_seen=56, epoch=1, offset=8, rewarm_from=3, best_valid_bpd=2.5)
+    assert TrainState.from_dict(state.to_dict()) == state
+    older = {k: v for k, v in state.to_dict().items() if k != "last_valid_bpd"} | {"removed_field": 1}
+    assert TrainState.from_dict(older).step == 7
+    state.record_valid(3.0)
+    state.record_valid(2.0)
+    state.record_valid(2.2)
+    assert state.best_valid_bpd == 2.0 and state.last_valid_bpd == 2.2
+
+
+def test_settings_defaults_are_defined_once():
+    assert TrainSettings.default("eval_images") == TrainSettings(out_dir="x").eval_images == 1000
+    assert TrainSettings.default("extra") == {}
+
+
+def test_budget_is_the_first_limit_to_run_out():
+    state = TrainState(step=50, train_seconds=30.0)
+    assert budget_used(TrainSettings("x", max_steps=100), state) == 0.5
+    assert budget_used(TrainSettings("x", max_minutes=1.0), state) == 0.5
+    assert budget_used(TrainSettings("x", max_steps=200, max_minutes=0.75), state) == pytest.approx(2 / 3)
+
+
+def test_learning_rate_warms_up_again_after_a_rollback():
+    cfg = flowpp.get_config("tiny")  # constant schedule, warm-up 10 steps to 1e-3
+    assert learning_rate_now(cfg, TrainState(step=50), None) == pytest.approx(1e-3)
+    assert learning_rate_now(cfg, TrainState(step=50, rewarm_from=50), None) == pytest.approx(1e-4)
+    assert learning_rate_now(cfg, TrainState(step=54, rewarm_from=50), None) == pytest.approx(5e-4)
+    assert learning_rate_now(cfg, TrainState(step=80, rewarm_from=50), None) == pytest.approx(1e-3)
+
+
+def test_ema_averages_parameters_and_copies_buffers(tiny_model):
+    ema = EMA(tiny_model, decay=0.9)
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    before = [p.clone() for p in ema.model.parameters()]
+    moved = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(1.0)
+    ema.update(moved, step=100)
+    for b, e, m in zip(before, ema.model.parameters(), moved.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * m)
+    warm = EMA(tiny_model, decay=0.999, warmup=True)
+    warm.update(moved, step=0)  # decay min(0.999, 1/10): mostly the new weights
+    p0, m0 = next(warm.model.parameters()), next(moved.parameters())
+    torch.testing.assert_close(p0, 0.1 * next(tiny_model.parameters()) + 0.9 * m0)
+
+
+def test_train_step_computes_clipped_gradients_without_stepping(tiny_model):
+    opt = torch.optim.Adam(tiny_model.parameters(), lr=0.1)
+    before = [p.clone() for p in tiny_model.parameters()]
+    x = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    noise = tiny_model.dequantizer.sample_noise(x.shape, torch.Generator().manual_seed(1)).double()
+    loss, norm, finite = train_step(tiny_model, tiny_model, opt, x, noise, lr=0.01)
+    assert bool(finite) and opt.param_groups[0]["lr"] == 0.01
+    assert loss.item() == pytest.approx(tiny_model.bits_per_dim(x, noise=noise).mean().item(), rel=1e-6)
+    trainable = [p for p in tiny_model.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)
+    assert _grad_norm(trainable) <= tiny_model.config.grad_clip * tiny_model.config.nats_per_bpd * (1 + 1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # the optimizer has not stepped
+    _, _, finite = train_step(
+        tiny_model, tiny_model, opt, x, noise, lr=0.01, hook=lambda step, loss: loss * float("nan")
+    )
+    assert not bool(finite)
+
+
+def test_agree_in_one_process_is_the_local_verdict():
+    assert agree(torch.tensor(True), torch.tensor(2.5), False, DistInfo()) == (True, 2.5, False)
+    assert agree(torch.tensor(False), torch.tensor(float("nan")), True, DistInfo())[::2] == (False, True)
+
+
+def test_batches_cover_each_epoch_once_and_resume_mid_epoch():
+    it = batch_iterator(10, 3, seed=0, epoch=0, offset=0)
+    first = [next(it) for _ in range(4)]  # 3 batches fill an epoch of 10 (tail dropped), then epoch 1
+    seen = torch.cat([idx for _, _, idx in first[:3]])
+    assert len(set(seen.tolist())) == 9 and first[3][0] == 1
+    resumed = batch_iterator(10, 3, seed=0, epoch=0, offset=first[0][1])
+    assert torch.equal(next(resumed)[2], first[1][2])
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        next(batch_iterator(2, 3, 0, 0, 0))
+
+
+def _keeper(tmp_path, model, log=None):
+    run = RunDir(tmp_path / "run")
+    run.create(resume=False)
+    return CheckpointKeeper(run, model.config, {"seed": 0}, keep=2, dist=DistInfo(), log=log or (lambda m: None))
+
+
+def test_checkpoint_keeper_saves_resumes_and_rolls_back(tmp_path, tiny_model):
+    keeper = _keeper(tmp_path, tiny_model)
+    ema = EMA(tiny_model, 0.99)
+    opt = torch.optim.Adam(tiny_model.parameters())
+    saved = copy.deepcopy(tiny_model.state_dict())
+    for step in (1, 2, 3):
+        assert keeper.save(tiny_model, ema, opt, TrainState(step=step)).name == f"checkpoint-{step:08d}.pt"
+    assert sorted(p.name for p in keeper.run.checkpoints.glob("*.pt")) == [
+        "checkpoint-00000002.pt",
+        "checkpoint-00000003.pt",
+    ]
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(1.0)
+    assert keeper.rollback(tiny_model, ema, opt)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    path, state = keeper.resume(tiny_model, ema, opt)
+    assert path.name == "checkpoint-00000003.pt" and state.step == 3
+    other = CheckpointKeeper(keeper.run, tiny_model.config.replace(components=5), {}, 2, DistInfo(), print)
+    with pytest.raises(CheckpointError, match="another config.*components"):
+        other.resume(tiny_model, ema, opt)
+
+
+def test_checkpoint_keeper_refuses_non_finite_weights(tmp_path, tiny_model):
+    msgs = []
+    keeper = _keeper(tmp_path, tiny_model, msgs.append)
+    ema = EMA(tiny_model, 0.99)
+    with torch.no_grad():
+        next(tiny_model.parameters()).fill_(float("nan"))
+    assert keeper.save(tiny_model, ema, torch.optim.Adam(tiny_model.parameters()), TrainState(step=1)) is None
+    assert not list(keeper.run.checkpoints.glob("*.pt")) and "non-finite" in msgs[0]
+    assert not keeper.rollback(tiny_model, ema, torch.optim.Adam(tiny_model.parameters()))
+
+
+def test_metrics_writer_keeps_the_columns_and_drops_rows_after_a_resumed_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    writer = MetricsWriter(run, enabled=True)
+    for step in (1, 2, 3):
+        writer.write(dict(step=step, train_bpd=1.0 / step))
+    with open(run.metrics_file, "a") as f:
+        f.write("4,32,0.5")  # a row cut short by a crash
+    MetricsWriter(run, enabled=True, resume_step=2)
+    lines = run.metrics_file.read_text().splitlines()
+    assert lines[0].split(",") == METRIC_FIELDS and [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
+    MetricsWriter(RunDir(tmp_path / "other"), enabled=False).write(dict(step=1))
+    assert not (tmp_path / "other" / "metrics.csv").exists()
+    assert np.isfinite(float(lines[2].split(",")[2]))

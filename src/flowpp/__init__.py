@@ -1,4 +1,5 @@
 """flowpp: Flow++ (Ho et al., ICML 2019) in PyTorch."""
+
 from .configs import FlowConfig, get_config, list_configs, register_config
 from .model import FlowPlusPlus, count_parameters
 

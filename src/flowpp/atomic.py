@@ -3,6 +3,7 @@
 A crash or a full disk never leaves a half-written file under the target's name, and the
 previous file stays intact until the new one is complete.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[BinaryIO], Any], before_replace: Callable[[Path], Any] | None = None
+) -> Path:
+    """Write ``path`` through ``write(file)``; ``before_replace(temp_path)`` runs once the data
+    are on disk, before they take the target's name (e.g. to record a digest of them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,6 +44,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         try:

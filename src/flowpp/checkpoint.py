@@ -4,9 +4,10 @@ Each checkpoint has a sidecar ``<name>.sha256`` with the digest of its bytes, wr
 checkpoint is renamed into place; loading verifies it, so a corrupted file is refused rather
 than silently loaded. A checkpoint is a dict with ``format``/``version`` tags, the resolved config (a plain dict),
 model and EMA state dicts, optimizer state, step counters, RNG states and the data position.
-Writes go to a temporary file in the same folder, are fsynced, then renamed over the target,
-so a crash never leaves a half-written file under a checkpoint's name.
+Writes go through :func:`flowpp.atomic.atomic_write`, so a crash never leaves a half-written
+file under a checkpoint's name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,17 +18,26 @@ from typing import Any, Callable
 
 import torch
 
-from .atomic import atomic_write_text, fsync_dir
+from .atomic import atomic_write, atomic_write_text
+from .errors import FlowppError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-           "remove_checkpoint", "digest_path", "FORMAT"]
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "remove_checkpoint",
+    "digest_path",
+    "FORMAT",
+]
 
 FORMAT = "flowpp-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FlowppError, ValueError):
     """A checkpoint could not be read, or does not fit what it is loaded into."""
 
 
@@ -47,22 +57,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tensors and plain data) to ``path``, with its digest beside it."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def write_digest(written: Path) -> None:
+        # Read back from disk, the digest also vouches for what was actually written.
+        atomic_write_text(digest_path(path), f"{_sha256(written)}  {path.name}\n")
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # The digest is read back from disk, so it also vouches for what was actually written.
-        atomic_write_text(digest_path(path), f"{_sha256(tmp)}  {path.name}\n")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write(path, lambda f: torch.save(payload, f), before_replace=write_digest)
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}") from e
     return path
 
@@ -112,8 +114,9 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: str | os.PathLike, log: Callable[[str], None] | None = None
-                      ) -> tuple[Path, dict[str, Any]] | None:
+def latest_checkpoint(
+    directory: str | os.PathLike, log: Callable[[str], None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` that loads; unreadable newer ones are reported and skipped."""
     for path in reversed(list_checkpoints(directory)):
         try:

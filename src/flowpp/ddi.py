@@ -4,6 +4,7 @@ Layers that initialise from data inherit :class:`DataDependentInit`. They carry 
 ``initialized`` buffer (saved in ``state_dict``) and look at their input only while
 :func:`data_dependent_init` is active, so the training hot path never checks a tensor flag.
 """
+
 from __future__ import annotations
 
 import contextlib

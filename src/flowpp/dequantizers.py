@@ -1,4 +1,5 @@
 """Dequantizers q(u|x): noise u in [0, 1)^D added to integer pixels, with log q(u|x)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ class UniformDequantizer(nn.Module):
     def sample_noise(shape, generator=None, device=None, dtype=None) -> Tensor:
         return torch.rand(shape, generator=generator, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None,
-                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         u = self.sample_noise(x.shape, generator, x.device, x.dtype) if noise is None else noise.to(x.dtype)
         return u, x.new_zeros(x.shape[0])
 
@@ -38,8 +40,9 @@ class VariationalDequantizer(nn.Module):
     def sample_noise(shape, generator=None, device=None, dtype=None) -> Tensor:
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None,
-                noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``noise``: the Gaussian eps to transform (drawn here when None)."""
         eps = self.sample_noise(x.shape, generator, x.device, x.dtype) if noise is None else noise.to(x.dtype)
         log_p_eps = standard_normal_log_prob(eps)

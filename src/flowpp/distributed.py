@@ -1,4 +1,6 @@
-"""Process plumbing for torchrun / DistributedDataParallel; a no-op in single-process runs."""
+"""Devices and processes: which device to run on, CPU threads, and the torchrun / DDP process
+group (a no-op in single-process runs)."""
+
 from __future__ import annotations
 
 import datetime
@@ -8,7 +10,38 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup_distributed", "shutdown_distributed", "all_reduce_sum", "broadcast_module", "barrier"]
+from .errors import UsageError
+
+__all__ = [
+    "DistInfo",
+    "resolve_device",
+    "set_threads",
+    "setup_distributed",
+    "shutdown_distributed",
+    "all_reduce_sum",
+    "broadcast_module",
+    "barrier",
+]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' -> this process's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r} is not a device: {e}") from None
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for PyTorch's intra-op parallelism (None: PyTorch's choice)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

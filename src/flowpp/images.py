@@ -1,4 +1,5 @@
 """Image files: sample grids and display scaling (Pillow)."""
+
 from __future__ import annotations
 
 import io
@@ -11,7 +12,19 @@ from PIL import Image
 
 from .atomic import atomic_write_bytes
 
-__all__ = ["to_display", "make_grid", "save_grid"]
+__all__ = ["to_nchw", "to_nhwc", "to_display", "make_grid", "save_grid"]
+
+
+def to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Images as stored, (N, H, W, C) numpy, -> the model's (N, C, H, W) tensor (tensors pass through)."""
+    if isinstance(images, torch.Tensor):
+        return images
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+
+
+def to_nhwc(images: torch.Tensor) -> np.ndarray:
+    """The model's (N, C, H, W) integer images -> (N, H, W, C) uint8 numpy, as stored."""
+    return images.detach().cpu().permute(0, 2, 3, 1).numpy().astype(np.uint8)
 
 
 def to_display(x: np.ndarray, num_levels: int) -> np.ndarray:
@@ -32,12 +45,13 @@ def make_grid(images: torch.Tensor | np.ndarray, num_levels: int, ncol: int | No
     disp = to_display(x, num_levels).transpose(0, 2, 3, 1)
     for i in range(n):
         r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = disp[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = disp[i]
     return grid
 
 
-def save_grid(images: torch.Tensor | np.ndarray, num_levels: int, path: str | os.PathLike, ncol: int | None = None,
-              scale: int = 1) -> tuple[int, int]:
+def save_grid(
+    images: torch.Tensor | np.ndarray, num_levels: int, path: str | os.PathLike, ncol: int | None = None, scale: int = 1
+) -> tuple[int, int]:
     """Write a PNG grid atomically; returns its (width, height)."""
     grid = make_grid(images, num_levels, ncol)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)

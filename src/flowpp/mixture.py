@@ -8,6 +8,7 @@ The coupling layer needs the *logit* of the CDF, ``log F - log(1 - F)``, and its
 Both tails are computed as log-sum-exps of log-sigmoids, never as ``1 - F``, so they stay
 accurate where F is within float epsilon of 0 or 1.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -91,8 +92,9 @@ def mixture_logit_cdf(x: Tensor, logits: Tensor, means: Tensor, log_scales: Tens
     return t.log_cdf - t.log_sf, t.log_pdf - t.log_cdf - t.log_sf
 
 
-def _initial_bracket(target_logit: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def _initial_bracket(
+    target_logit: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     # Every component satisfies z_k <= v at x <= min_k(mu_k + v s_k), so F(x) <= sigmoid(v) there,
     # and F(x) >= sigmoid(v) at x >= max_k(mu_k + v s_k): a bracket that is tight when the
     # components agree, instead of the official +-200 * sum of scales. Each component's own root
@@ -148,8 +150,9 @@ def mixture_inverse_logit_cdf(
         hi = torch.where(g > 0, x, hi)
         newton_step = g * torch.exp(-log_slope)
         newton = x - newton_step
-        use_newton = ((newton >= lo) & (newton <= hi) & torch.isfinite(newton)
-                      & (2 * newton_step.abs() <= step_before.abs()))
+        use_newton = (
+            (newton >= lo) & (newton <= hi) & torch.isfinite(newton) & (2 * newton_step.abs() <= step_before.abs())
+        )
         x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
         step_before, step = step, x_next - x
         # Relative tolerance, so that a root near 0 is found to full relative precision too.

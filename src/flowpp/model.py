@@ -9,9 +9,8 @@ paper's architecture table reads. For the CIFAR-10 config ``print(model.flow)`` 
     ChannelSplit,  2 x [...], Inverse(ChannelSplit)
     StripeSplit,   3 x [...], Inverse(StripeSplit)
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
@@ -19,28 +18,63 @@ from torch import Tensor, nn
 from .configs import FlowConfig, parse_stage
 from .ddi import data_dependent_init
 from .dequantizers import UniformDequantizer, VariationalDequantizer
-from .flows import (AffineCoupling, ChannelSplit, ElementwiseNorm, Flow, Inverse, LogitPreprocess,
-                    MixtureLogisticCoupling, Pointwise, Sequential, Sigmoid, Squeeze, StripeSplit, SwapHalves,
-                    standard_normal_log_prob)
+from .errors import ConfigError, InputError
+from .flows import (
+    AffineCoupling,
+    ChannelSplit,
+    ElementwiseNorm,
+    Flow,
+    Inverse,
+    LogitPreprocess,
+    MixtureLogisticCoupling,
+    Pointwise,
+    Sequential,
+    Sigmoid,
+    Squeeze,
+    StripeSplit,
+    SwapHalves,
+    standard_normal_log_prob,
+)
 from .nets import Conditioner, ContextNet
 
 __all__ = ["FlowPlusPlus", "count_parameters"]
 
-def _coupling_step(cfg: FlowConfig, half_shape: tuple[int, int, int], *, filters: int, blocks: int,
-                   components: int, mixer: str, context_channels: int = 0,
-                   frozen_pos_emb: bool = False) -> list[Flow]:
+
+def _coupling_step(
+    cfg: FlowConfig,
+    half_shape: tuple[int, int, int],
+    *,
+    filters: int,
+    blocks: int,
+    components: int,
+    mixer: str,
+    context_channels: int = 0,
+    frozen_pos_emb: bool = False,
+) -> list[Flow]:
     """[Norm, (Pointwise), coupling, swap] for one pair of halves of shape (C, H, W) each."""
     c, h, w = half_shape
     per_element = 2 + 3 * components if cfg.coupling == "mixture" else 2
     conditioner = Conditioner(
-        c, c * per_element, h, w, filters=filters, blocks=blocks, mixer=mixer, heads=cfg.heads,
-        layer_norm=cfg.layer_norm, context_channels=context_channels, gate_kernel=1,
-        final_concat_elu=cfg.final_concat_elu, dropout=cfg.dropout, weight_norm=cfg.weight_norm,
+        c,
+        c * per_element,
+        h,
+        w,
+        filters=filters,
+        blocks=blocks,
+        mixer=mixer,
+        heads=cfg.heads,
+        layer_norm=cfg.layer_norm,
+        context_channels=context_channels,
+        gate_kernel=1,
+        final_concat_elu=cfg.final_concat_elu,
+        dropout=cfg.dropout,
+        weight_norm=cfg.weight_norm,
         frozen_pos_emb=frozen_pos_emb,
     )
     if cfg.coupling == "mixture":
-        coupling = MixtureLogisticCoupling(conditioner, c, components,
-                                           mixture_dtype=torch.float64 if cfg.mixture_float64 else None)
+        coupling = MixtureLogisticCoupling(
+            conditioner, c, components, mixture_dtype=torch.float64 if cfg.mixture_float64 else None
+        )
     else:
         coupling = AffineCoupling(conditioner, c)
     step: list[Flow] = [ElementwiseNorm(half_shape)]
@@ -49,8 +83,9 @@ def _coupling_step(cfg: FlowConfig, half_shape: tuple[int, int, int], *, filters
     return step + [coupling, SwapHalves()]
 
 
-def _stages(cfg: FlowConfig, layout: tuple[str, ...], shape: tuple[int, int, int], **coupling_kwargs
-            ) -> tuple[list[Flow], tuple[int, int, int]]:
+def _stages(
+    cfg: FlowConfig, layout: tuple[str, ...], shape: tuple[int, int, int], **coupling_kwargs
+) -> tuple[list[Flow], tuple[int, int, int]]:
     """The layers of each layout stage in order, and the shape that comes out."""
     layers: list[Flow] = []
     c, h, w = shape
@@ -58,17 +93,17 @@ def _stages(cfg: FlowConfig, layout: tuple[str, ...], shape: tuple[int, int, int
         kind, n, mixing = parse_stage(token)
         if kind == "squeeze":
             if h % 2 or w % 2:
-                raise ValueError(f"config {cfg.name!r}: cannot squeeze a {c}x{h}x{w} volume")
+                raise ConfigError(f"config {cfg.name!r}: cannot squeeze a {c}x{h}x{w} volume")
             layers.append(Squeeze())
             c, h, w = 4 * c, h // 2, w // 2
             continue
         if kind == "stripe":
             if w % 2:
-                raise ValueError(f"config {cfg.name!r}: stripe split needs an even width, got {c}x{h}x{w}")
+                raise ConfigError(f"config {cfg.name!r}: stripe split needs an even width, got {c}x{h}x{w}")
             split, half = StripeSplit(), (c, h, w // 2)
         else:
             if c % 2:
-                raise ValueError(f"config {cfg.name!r}: channel split needs an even channel count, got {c}x{h}x{w}")
+                raise ConfigError(f"config {cfg.name!r}: channel split needs an even channel count, got {c}x{h}x{w}")
             split, half = ChannelSplit(), (c // 2, h, w)
         layers.append(split)
         stage_kwargs = coupling_kwargs if mixing else {**coupling_kwargs, "mixer": "none"}
@@ -92,8 +127,13 @@ class FlowPlusPlus(nn.Module):
         c, h, w = cfg.image_shape
 
         main_layers, latent_shape = _stages(
-            cfg, cfg.layout, cfg.image_shape, filters=cfg.filters, blocks=cfg.blocks,
-            components=cfg.components, mixer=cfg.mixer,
+            cfg,
+            cfg.layout,
+            cfg.image_shape,
+            filters=cfg.filters,
+            blocks=cfg.blocks,
+            components=cfg.components,
+            mixer=cfg.mixer,
         )
         self.flow = Sequential(LogitPreprocess(cfg.num_levels), *main_layers)
         self.latent_shape = latent_shape
@@ -102,13 +142,27 @@ class FlowPlusPlus(nn.Module):
             self.dequantizer: nn.Module = UniformDequantizer()
         else:
             dq_layers, _ = _stages(
-                cfg, cfg.dequant_layout, cfg.image_shape, filters=cfg.dequant_filters, blocks=cfg.dequant_blocks,
-                components=cfg.dequant_components, mixer=cfg.dequant_mixer, context_channels=cfg.context_channels,
+                cfg,
+                cfg.dequant_layout,
+                cfg.image_shape,
+                filters=cfg.dequant_filters,
+                blocks=cfg.dequant_blocks,
+                components=cfg.dequant_components,
+                mixer=cfg.dequant_mixer,
+                context_channels=cfg.context_channels,
                 frozen_pos_emb=cfg.dequant_frozen_pos_emb,
             )
             context_net = ContextNet(
-                c, h, w, cfg.num_levels, channels=cfg.context_channels, blocks=cfg.context_blocks,
-                mixer=cfg.context_mixer, heads=cfg.heads, layer_norm=cfg.context_layer_norm, dropout=cfg.dropout,
+                c,
+                h,
+                w,
+                cfg.num_levels,
+                channels=cfg.context_channels,
+                blocks=cfg.context_blocks,
+                mixer=cfg.context_mixer,
+                heads=cfg.heads,
+                layer_norm=cfg.context_layer_norm,
+                dropout=cfg.dropout,
                 weight_norm=cfg.weight_norm,
             )
             self.dequantizer = VariationalDequantizer(context_net, Sequential(*dq_layers, Sigmoid()))
@@ -166,24 +220,24 @@ class FlowPlusPlus(nn.Module):
     # --- input checks -----------------------------------------------------------------------
 
     def check_images(self, x: Tensor) -> None:
-        """Raise ValueError unless x is an integer tensor (B, C, H, W) with values in [0, L)."""
+        """Raise InputError unless x is an integer tensor (B, C, H, W) with values in [0, L)."""
         expected = tuple(self.config.image_shape)
         if not isinstance(x, Tensor):
-            raise ValueError(f"expected a torch.Tensor of integer images, got {type(x).__name__}")
+            raise InputError(f"expected a torch.Tensor of integer images, got {type(x).__name__}")
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) (B, C, H, W), "
                 f"got {tuple(x.shape)}"
             )
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise ValueError(
+            raise InputError(
                 f"expected integer images (uint8 or int64) with values in [0, {self.config.num_levels}), "
                 f"got dtype {x.dtype}; convert with x.round().long() if the values are whole numbers"
             )
         if x.numel():
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi >= self.config.num_levels:
-                raise ValueError(
+                raise InputError(
                     f"expected pixel values in [0, {self.config.num_levels}) for config {self.config.name!r}, "
                     f"got values in [{lo}, {hi}]"
                 )
@@ -196,8 +250,9 @@ class FlowPlusPlus(nn.Module):
     def prior_log_prob(self, z: Tensor) -> Tensor:
         return standard_normal_log_prob(z)
 
-    def log_prob(self, x: Tensor, *, check: bool = True, generator: torch.Generator | None = None,
-                 noise: Tensor | None = None) -> Tensor:
+    def log_prob(
+        self, x: Tensor, *, check: bool = True, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         """(B,) lower bound on log P(x) in nats with one dequantization sample per image.
 
         ``noise`` optionally fixes the dequantizer's input noise (shape of x; Gaussian for the

@@ -11,6 +11,7 @@ Every convolution starts from N(0, 0.05) weights and is rescaled on the first ba
 channel: 1.0 by default, 0.1 for the gate projections and the last layer,
 which makes every coupling start close to the identity.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,15 @@ class InitConv2d(nn.Module, DataDependentInit):
     and the bias; without, init rescales the kernel itself, as the official CIFAR code does.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
-                 init_scale: float = 1.0, weight_norm: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        init_scale: float = 1.0,
+        weight_norm: bool = False,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = kernel_size
@@ -97,7 +105,9 @@ class InitConv2d(nn.Module, DataDependentInit):
 
     def extra_repr(self) -> str:
         wn = ", weight_norm" if self.weight_norm else ""
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, init_scale={self.init_scale}{wn}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, init_scale={self.init_scale}{wn}"
+        )
 
 
 class ChannelLayerNorm(nn.Module):
@@ -137,8 +147,15 @@ class GatedConv(nn.Module):
     h = conv(h) -> 2F (init scale 0.1); out = x + a * sigmoid(b).
     """
 
-    def __init__(self, channels: int, *, context_channels: int = 0, gate_kernel: int = 1,
-                 dropout: float = 0.0, weight_norm: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        context_channels: int = 0,
+        gate_kernel: int = 1,
+        dropout: float = 0.0,
+        weight_norm: bool = False,
+    ):
         super().__init__()
         self.conv_in = InitConv2d(2 * channels, channels, 3, weight_norm=weight_norm)
         self.context_proj = (
@@ -204,11 +221,26 @@ class GatedPointwise(nn.Module):
 class GatedBlock(nn.Module):
     """[gated conv, (layer norm), (attention or pointwise mixer, (layer norm))]."""
 
-    def __init__(self, channels: int, *, mixer: str, heads: int, layer_norm: bool, context_channels: int,
-                 gate_kernel: int, dropout: float, weight_norm: bool):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        mixer: str,
+        heads: int,
+        layer_norm: bool,
+        context_channels: int,
+        gate_kernel: int,
+        dropout: float,
+        weight_norm: bool,
+    ):
         super().__init__()
-        self.conv = GatedConv(channels, context_channels=context_channels, gate_kernel=gate_kernel,
-                              dropout=dropout, weight_norm=weight_norm)
+        self.conv = GatedConv(
+            channels,
+            context_channels=context_channels,
+            gate_kernel=gate_kernel,
+            dropout=dropout,
+            weight_norm=weight_norm,
+        )
         self.norm1 = ChannelLayerNorm(channels) if layer_norm else nn.Identity()
         if mixer == "attention":
             self.mixer = GatedAttention(channels, heads, dropout=dropout, weight_norm=weight_norm)
@@ -254,24 +286,50 @@ class Conditioner(nn.Module, _Autocast):
     dequantizer allocates one); it is frozen so that optimisers and DDP skip it.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, height: int, width: int, *, filters: int,
-                 blocks: int, mixer: str = "attention", heads: int = 4, layer_norm: bool = True,
-                 context_channels: int = 0, gate_kernel: int = 1, final_concat_elu: bool = False,
-                 dropout: float = 0.0, weight_norm: bool = False, frozen_pos_emb: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        height: int,
+        width: int,
+        *,
+        filters: int,
+        blocks: int,
+        mixer: str = "attention",
+        heads: int = 4,
+        layer_norm: bool = True,
+        context_channels: int = 0,
+        gate_kernel: int = 1,
+        final_concat_elu: bool = False,
+        dropout: float = 0.0,
+        weight_norm: bool = False,
+        frozen_pos_emb: bool = False,
+    ):
         super().__init__()
         needs_pos = mixer != "none"
-        self.pos_emb = nn.Parameter(torch.randn(filters, height, width) * 0.01) if (needs_pos or frozen_pos_emb) else None
+        self.pos_emb = (
+            nn.Parameter(torch.randn(filters, height, width) * 0.01) if (needs_pos or frozen_pos_emb) else None
+        )
         if self.pos_emb is not None and not needs_pos:
             self.pos_emb.requires_grad_(False)
         self.proj_in = InitConv2d(in_channels, filters, 3, weight_norm=weight_norm)
         self.blocks = nn.ModuleList(
-            GatedBlock(filters, mixer=mixer, heads=heads, layer_norm=layer_norm, context_channels=context_channels,
-                       gate_kernel=gate_kernel, dropout=dropout, weight_norm=weight_norm)
+            GatedBlock(
+                filters,
+                mixer=mixer,
+                heads=heads,
+                layer_norm=layer_norm,
+                context_channels=context_channels,
+                gate_kernel=gate_kernel,
+                dropout=dropout,
+                weight_norm=weight_norm,
+            )
             for _ in range(blocks)
         )
         self.final_concat_elu = final_concat_elu
-        self.proj_out = InitConv2d((2 if final_concat_elu else 1) * filters, out_channels, 3, init_scale=0.1,
-                                   weight_norm=weight_norm)
+        self.proj_out = InitConv2d(
+            (2 if final_concat_elu else 1) * filters, out_channels, 3, init_scale=0.1, weight_norm=weight_norm
+        )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         # (Data-dependent init runs under no_grad, so it never takes the checkpointed path.)
@@ -300,16 +358,36 @@ class ContextNet(nn.Module, _Autocast):
     gated conv of every dequantizer coupling.
     """
 
-    def __init__(self, image_channels: int, height: int, width: int, num_levels: int, *, channels: int = 32,
-                 blocks: int = 3, mixer: str = "none", heads: int = 4, layer_norm: bool = False,
-                 dropout: float = 0.0, weight_norm: bool = False):
+    def __init__(
+        self,
+        image_channels: int,
+        height: int,
+        width: int,
+        num_levels: int,
+        *,
+        channels: int = 32,
+        blocks: int = 3,
+        mixer: str = "none",
+        heads: int = 4,
+        layer_norm: bool = False,
+        dropout: float = 0.0,
+        weight_norm: bool = False,
+    ):
         super().__init__()
         self.num_levels = num_levels
         self.proj = InitConv2d(2 * image_channels, channels, 3, weight_norm=weight_norm)
         self.pos_emb = nn.Parameter(torch.randn(channels, height, width // 2) * 0.01) if mixer != "none" else None
         self.blocks = nn.ModuleList(
-            GatedBlock(channels, mixer=mixer, heads=heads, layer_norm=layer_norm, context_channels=0,
-                       gate_kernel=3, dropout=dropout, weight_norm=weight_norm)
+            GatedBlock(
+                channels,
+                mixer=mixer,
+                heads=heads,
+                layer_norm=layer_norm,
+                context_channels=0,
+                gate_kernel=3,
+                dropout=dropout,
+                weight_norm=weight_norm,
+            )
             for _ in range(blocks)
         )
 

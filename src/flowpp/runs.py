@@ -1,45 +1,152 @@
-"""Reading a run directory back: its config and the EMA model of its newest checkpoint."""
+"""The run directory: the one place that knows its layout.
+
+::
+
+    RUN/config.json        the resolved config
+        settings.json      the training settings
+        metrics.csv        learning curve (flowpp.train.METRIC_FIELDS)
+        summary.json       written when training ends
+        checkpoints/       checkpoint-<step>.pt, each with a .sha256 beside it
+        samples/           step-<step>.png, a sample grid per evaluation
+        tensorboard/       events, when tensorboard is installed
+        eval-<data>-<split>-S<samples>.json   written by `flowpp eval`
+"""
+
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointError, latest_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, remove_checkpoint, save_checkpoint
 from .configs import FlowConfig
+from .errors import RunError
 from .model import FlowPlusPlus
 
-__all__ = ["load_run", "run_config"]
+__all__ = ["RunDir", "load_run", "run_config"]
+
+Log = Callable[[str], None]
 
 
-def run_config(run_dir: str | Path) -> FlowConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a flowpp run directory (no config.json)")
-    try:
-        return FlowConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid flowpp config: {e}") from e
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str) + "\n"
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu", weights: str = "ema",
-             log: Callable[[str], None] | None = None) -> tuple[FlowPlusPlus, dict]:
-    """The model of the newest readable checkpoint in ``run_dir`` (EMA weights by default), in eval mode."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    found = latest_checkpoint(run_dir / "checkpoints", log=log)
-    if found is None:
-        raise CheckpointError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
-    path, ck = found
-    config = FlowConfig.from_dict(ck["config"])
-    model = FlowPlusPlus(config)
-    try:
-        model.load_state_dict(ck[weights])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit config {config.name!r}: {str(e).splitlines()[0]}") from e
-    model.to(device).eval()
-    info = {"checkpoint": str(path), "step": ck.get("train_state", {}).get("step"), "weights": weights}
-    return model, info
+class RunDir:
+    """Paths and files of one run directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config_file = self.path / "config.json"
+        self.settings_file = self.path / "settings.json"
+        self.metrics_file = self.path / "metrics.csv"
+        self.summary_file = self.path / "summary.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+        self.tensorboard = self.path / "tensorboard"
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples / f"step-{step:08d}.png"
+
+    def eval_file(self, data: str, split: str, samples: int) -> Path:
+        tag = Path(str(data)).stem if ("/" in str(data) or "." in str(data)) else str(data)
+        return self.path / f"eval-{tag}-{split}-S{samples}.json"
+
+    # --- starting a run -------------------------------------------------------------------------
+
+    def create(self, resume: bool) -> None:
+        """Make the directory for a new run (refusing one that holds checkpoints) or for a resume."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create run directory {self.path}: {e.strerror or e}") from e
+        if not os.access(self.path, os.W_OK):
+            raise RunError(f"run directory {self.path} is not writable")
+        existing = list_checkpoints(self.checkpoints)
+        if existing and not resume:
+            raise RunError(
+                f"{self.path} already holds checkpoints ({existing[-1].name}); pass --resume to "
+                f"continue that run or choose another --out"
+            )
+        self.samples.mkdir(exist_ok=True)
+        for stale in self.checkpoints.glob("*.tmp") if self.checkpoints.is_dir() else []:
+            stale.unlink()  # a write interrupted by a crash; the checkpoints themselves are whole
+
+    # --- config, settings, summary ------------------------------------------------------------------
+
+    def write_config(self, config: FlowConfig) -> None:
+        atomic_write_text(self.config_file, _json_text(config.to_dict()))
+
+    def read_config(self) -> FlowConfig:
+        if not self.config_file.is_file():
+            raise RunError(f"{self.path} is not a flowpp run directory (no config.json)")
+        try:
+            return FlowConfig.from_dict(json.loads(self.config_file.read_text()))
+        except (ValueError, TypeError) as e:
+            raise RunError(f"{self.config_file} is not a valid flowpp config: {e}") from e
+
+    def write_settings(self, settings: dict) -> None:
+        atomic_write_text(self.settings_file, _json_text(settings))
+
+    def read_settings(self) -> dict:
+        """The saved settings, or {} for a run that has none yet."""
+        if not self.settings_file.is_file():
+            return {}
+        try:
+            return json.loads(self.settings_file.read_text())
+        except ValueError as e:
+            raise RunError(f"{self.settings_file} is not valid JSON: {e}") from e
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_file, _json_text(summary))
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int, state: dict, keep: int) -> Path:
+        """Write the checkpoint of ``step`` atomically, then keep only the newest ``keep``."""
+        path = save_checkpoint(self.checkpoints / f"checkpoint-{step:08d}.pt", state)
+        for old in list_checkpoints(self.checkpoints)[:-keep]:
+            remove_checkpoint(old)
+        return path
+
+    def latest_checkpoint(self, log: Log | None = None) -> tuple[Path, dict] | None:
+        return latest_checkpoint(self.checkpoints, log=log)
+
+    def load_model(
+        self, device: torch.device | str = "cpu", weights: str = "ema", log: Log | None = None
+    ) -> tuple[FlowPlusPlus, dict]:
+        """The model of the newest readable checkpoint (EMA weights by default), in eval mode."""
+        if not self.path.is_dir():
+            raise RunError(f"run directory {self.path} does not exist")
+        found = self.latest_checkpoint(log=log)
+        if found is None:
+            raise CheckpointError(f"no readable checkpoint in {self.checkpoints}")
+        path, ck = found
+        config = FlowConfig.from_dict(ck["config"])
+        model = FlowPlusPlus(config)
+        try:
+            model.load_state_dict(ck[weights])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit config {config.name!r}: {str(e).splitlines()[0]}"
+            ) from e
+        model.to(device).eval()
+        info = {"checkpoint": str(path), "step": ck.get("train_state", {}).get("step"), "weights": weights}
+        return model, info
+
+
+def run_config(run_dir: str | os.PathLike) -> FlowConfig:
+    return RunDir(run_dir).read_config()
+
+
+def load_run(
+    run_dir: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "ema", log: Log | None = None
+) -> tuple[FlowPlusPlus, dict]:
+    return RunDir(run_dir).load_model(device, weights=weights, log=log)

@@ -3,6 +3,7 @@
 ``learning_rate(config, step, progress)`` is a pure function: ``progress`` in [0, 1] is the
 fraction of the training budget used (steps or wall-clock), needed only by "cosine".
 """
+
 from __future__ import annotations
 
 import math

@@ -1,13 +1,12 @@
 """Scoring image files: bits/dim of each image under a trained model."""
+
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 
 from .data import DatasetError, read_images
-from .evaluate import iw_log_prob
+from .evaluate import evaluate_bpd
+from .images import to_nchw
 from .model import FlowPlusPlus
 
 __all__ = ["to_levels", "score_files"]
@@ -27,30 +26,29 @@ def to_levels(image: np.ndarray, num_levels: int, *, eight_bit: bool) -> np.ndar
     return np.round(image.astype(np.float64) * (num_levels - 1) / 255.0).astype(np.int64)
 
 
-@torch.no_grad()
-def score_files(model: FlowPlusPlus, paths: list[str], samples: int = 16, seed: int = 0,
-                device: torch.device | str = "cpu", batch_size: int = 32) -> list[dict]:
-    """One row per image: {"image": name, "bpd": importance-weighted bits/dim}."""
+def score_files(
+    model: FlowPlusPlus, paths: list[str], samples: int = 16, seed: int = 0, batch_size: int = 256
+) -> list[dict]:
+    """One row per image: {"image": name, "bpd": importance-weighted bits/dim (single-sample for S = 1)}."""
     cfg = model.config
     c, h, w = cfg.image_shape
     named = read_images(paths)
     arrays = []
     for name, img in named:
         if img.shape != (h, w, c):
-            raise DatasetError(f"{name}: image is {img.shape[1]}x{img.shape[0]} with {img.shape[2]} channel(s), "
-                               f"but config {cfg.name!r} expects {w}x{h} with {c} channel(s)")
+            raise DatasetError(
+                f"{name}: image is {img.shape[1]}x{img.shape[0]} with {img.shape[2]} channel(s), "
+                f"but config {cfg.name!r} expects {w}x{h} with {c} channel(s)"
+            )
         eight_bit = not name.endswith("]")  # npz entries are named "file.npz[i]"
         lv = to_levels(img, cfg.num_levels, eight_bit=eight_bit)
         if lv.max() >= cfg.num_levels:
             raise DatasetError(f"{name}: values up to {lv.max()}, but config {cfg.name!r} has {cfg.num_levels} levels")
-        arrays.append(lv.transpose(2, 0, 1))
-    x_all = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros((0, c, h, w), dtype=torch.long)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scale = -1.0 / (cfg.num_dims * math.log(2.0))
-    bpd = []
-    for i in range(0, x_all.shape[0], batch_size):
-        x = x_all[i: i + batch_size].to(device)
-        _, iw = iw_log_prob(model, x, samples, generator=gen)
-        bpd.append((iw * scale).cpu())
-    values = torch.cat(bpd).tolist() if bpd else []
+        arrays.append(lv)
+    if not arrays:
+        return []
+    res = evaluate_bpd(
+        model, to_nchw(np.stack(arrays)), samples=samples, batch_size=batch_size, seed=seed, per_image=True
+    )
+    values = res["per_image_iw_bpd"] if samples > 1 else res["per_image_bpd"]
     return [{"image": name, "bpd": v} for (name, _), v in zip(named, values)]

@@ -1,21 +1,29 @@
-"""The training loop (the official recipe): Adam, warm-up and schedule, gradient clipping,
-EMA of weights, data-dependent init, periodic evaluation, samples and atomic checkpoints.
+"""Training: the official recipe as a few named pieces and one loop that reads top to bottom.
+
+The pieces: :class:`TrainSettings` (everything about a run but the model config),
+:class:`TrainState` (the counters a checkpoint saves), :class:`EMA`, :func:`learning_rate_now`
+(the schedule with its re-warm after a rollback), :func:`train_step` (forward, backward,
+clipping), :func:`agree` (the multi-process step/skip/stop vote), :class:`CheckpointKeeper`
+(save, resume, roll back), :class:`MetricsWriter` (metrics.csv and TensorBoard), and
+:func:`evaluate_now` (the sharded evaluator of :mod:`flowpp.evaluate`, plus samples and the
+inverse error). :func:`train` puts them together.
 
 Determinism: the data order depends only on (seed, epoch), and the dequantization noise and
 dropout of step k only on (seed, k), so a run resumed from a checkpoint repeats exactly what
 an uninterrupted run would have done (on CPU), and a run on W processes sees the same global
 batches and noise as a run on one.
 """
+
 from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import math
-import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,22 +33,54 @@ from torch import Tensor
 
 from . import distributed as D
 from .atomic import atomic_write_text
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, remove_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
 from .configs import TRAINING_FIELDS, FlowConfig
-from .images import save_grid
+from .errors import UsageError
+from .evaluate import evaluate_bpd
+from .images import save_grid, to_nchw
 from .model import FlowPlusPlus
+from .runs import RunDir
 from .schedules import learning_rate
 
-__all__ = ["TrainSettings", "train", "resolve_device", "ema_update", "batch_iterator", "backward_and_clip",
-           "METRIC_FIELDS"]
+__all__ = [
+    "TrainSettings",
+    "TrainState",
+    "EMA",
+    "CheckpointKeeper",
+    "MetricsWriter",
+    "train",
+    "train_step",
+    "agree",
+    "learning_rate_now",
+    "ema_update",
+    "batch_iterator",
+    "epoch_permutation",
+    "backward_and_clip",
+    "evaluate_now",
+    "METRIC_FIELDS",
+]
 
-METRIC_FIELDS = ["step", "images_seen", "train_bpd", "valid_bpd", "lr", "img_per_s", "inverse_error",
-                 "grad_norm", "skipped_steps", "rollbacks", "train_seconds", "wall_seconds"]
+METRIC_FIELDS = [
+    "step",
+    "images_seen",
+    "train_bpd",
+    "valid_bpd",
+    "lr",
+    "img_per_s",
+    "inverse_error",
+    "grad_norm",
+    "skipped_steps",
+    "rollbacks",
+    "train_seconds",
+    "wall_seconds",
+]
+
+Log = Callable[[str], None]
 
 
 @dataclass
 class TrainSettings:
-    """Everything about a run that is not the model config."""
+    """Everything about a run that is not the model config (the command line's defaults)."""
 
     out_dir: str
     max_steps: int | None = None
@@ -61,47 +101,49 @@ class TrainSettings:
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
     activation_checkpointing: bool = False  # recompute conditioners in the backward pass (less memory)
     dataset: str = ""
+    dataset_description: str = ""
     train_split: str = "train"  # "train+valid" when validating on the test set
     valid_split: str = "valid"
-    dataset_description: str = ""
     extra: dict = field(default_factory=dict)
 
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of one setting (the CLI takes its defaults from here)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default_factory() if callable(f.default_factory) else f.default
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    e = [p for p in ema.parameters()]
-    m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
+@dataclass
+class TrainState:
+    """The counters of a run; saved in every checkpoint as ``train_state``."""
+
+    step: int = 0
+    images_seen: int = 0
+    epoch: int = 0
+    offset: int = 0  # images of the current epoch already used
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    rewarm_from: int | None = None  # step of the last rollback: the learning rate warms up again from there
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    best_valid_bpd: float | None = None
+    last_valid_bpd: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def record_valid(self, bpd: float) -> None:
+        self.last_valid_bpd = bpd
+        if self.best_valid_bpd is None or bpd < self.best_valid_bpd:
+            self.best_valid_bpd = bpd
 
 
-def backward_and_clip(loss_bpd: Tensor, parameters, config: FlowConfig) -> Tensor:
-    """Backpropagate a bits/dim loss in the units of ``config.grad_clip_units`` and clip the
-    global gradient norm at ``config.grad_clip``; return the norm before clipping, on the
-    official scale (the gradient of the loss in nats per image) whatever the units.
-
-    The units matter beyond the clipping threshold: Adam's epsilon acts on the gradient it is
-    given, so "nats" reproduces the official optimisation exactly.
-    """
-    nats_per_bpd = config.nats_per_bpd
-    parameters = list(parameters)
-    if config.grad_clip_units == "nats":
-        (loss_bpd * nats_per_bpd).backward()
-        return torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-    loss_bpd.backward()
-    return torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip) * nats_per_bpd
+# --- data order, noise and the schedule ---------------------------------------------------------
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -115,18 +157,258 @@ def batch_iterator(n: int, batch_size: int, seed: int, epoch: int, offset: int):
     The tail of an epoch that does not fill a batch is dropped.
     """
     if n < batch_size:
-        raise ValueError(f"the training set has {n} images, fewer than one batch of {batch_size}")
+        raise UsageError(f"the training set has {n} images, fewer than one batch of {batch_size}")
     while True:
         perm = epoch_permutation(n, seed, epoch)
         while offset + batch_size <= n:
-            idx = perm[offset: offset + batch_size]
+            idx = perm[offset : offset + batch_size]
             offset += batch_size
             yield epoch, offset, idx
         epoch, offset = epoch + 1, 0
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 17)
+def step_noise(model: FlowPlusPlus, config: FlowConfig, seed: int, step: int) -> Tensor:
+    """The dequantization noise of the whole global batch of ``step`` (each rank takes its rows)."""
+    g = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 17)
+    return model.dequantizer.sample_noise((config.batch_size, *config.image_shape), g)
+
+
+def budget_used(settings: TrainSettings, state: TrainState) -> float:
+    """The fraction of the budget (steps or training minutes, whichever runs out first) used."""
+    used = [state.step / settings.max_steps] if settings.max_steps else []
+    if settings.max_minutes:
+        used.append(state.train_seconds / (settings.max_minutes * 60.0))
+    return max(used)
+
+
+def learning_rate_now(config: FlowConfig, state: TrainState, progress: float | None) -> float:
+    """The schedule's rate for ``state.step``, warmed up again after a rollback."""
+    lr = learning_rate(config, state.step, progress)
+    if state.rewarm_from is not None and config.warmup_steps > 0:
+        lr *= min(1.0, (state.step - state.rewarm_from + 1) / config.warmup_steps)
+    return lr
+
+
+# --- one optimisation step -------------------------------------------------------------------------
+
+
+def backward_and_clip(loss_bpd: Tensor, parameters, config: FlowConfig) -> Tensor:
+    """Backpropagate a bits/dim loss in the units of ``config.grad_clip_units`` and clip the
+    global gradient norm at ``config.grad_clip``; return the norm before clipping, on the
+    official scale (the gradient of the loss in nats per image) whatever the units.
+
+    The units matter beyond the clipping threshold: Adam's epsilon acts on the gradient it is
+    given, so "nats" reproduces the official optimisation exactly.
+    """
+    parameters = list(parameters)
+    if config.grad_clip_units == "nats":
+        (loss_bpd * config.nats_per_bpd).backward()
+        return torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    loss_bpd.backward()
+    return torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip) * config.nats_per_bpd
+
+
+def train_step(
+    net: torch.nn.Module,
+    model: FlowPlusPlus,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    noise: Tensor,
+    lr: float,
+    hook: Callable[[int, Tensor], Tensor] | None = None,
+    step: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward and backward of one (local) batch with clipped gradients; the optimizer does not
+    step yet. Returns (loss in bits/dim, gradient norm on the nats scale, finite flag) as tensors."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    loss = -net(x, check=False, noise=noise).mean() / model.config.nats_per_bpd
+    if hook is not None:
+        loss = hook(step, loss)
+    opt.zero_grad(set_to_none=True)
+    grad_norm = backward_and_clip(loss, model.parameters(), model.config)
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    return loss.detach(), grad_norm, finite
+
+
+def agree(finite: Tensor, loss: Tensor, stop_requested: bool, dist: D.DistInfo) -> tuple[bool, float, bool]:
+    """(step?, global mean loss, stop?): every rank must agree to step or skip, and to stop on a
+    signal, or the next collective would hang."""
+    if not dist.enabled:
+        return bool(finite), float(loss), stop_requested
+    votes = torch.stack(
+        [
+            finite.to(torch.float64).reshape(()),
+            loss.double().reshape(()),
+            torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device),
+        ]
+    )
+    votes = D.all_reduce_sum(votes, dist).cpu()
+    return bool(votes[0].item() == dist.world_size), float(votes[1]) / dist.world_size, bool(votes[2] > 0)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+class EMA:
+    """The exponential moving average of the weights that evaluation and sampling use."""
+
+    def __init__(self, model: FlowPlusPlus, decay: float, warmup: bool = False):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)  # a copy keeps the autocast setting
+        self.decay, self.warmup = decay, warmup
+
+    def update(self, model: FlowPlusPlus, step: int) -> None:
+        decay = self.decay
+        if self.warmup:  # short runs: an average over the steps so far, up to decay
+            decay = min(decay, (1.0 + step) / (10.0 + step))
+        ema_update(self.model, model, decay)
+
+
+# --- checkpoints, metrics, evaluation ------------------------------------------------------------------
+
+
+class CheckpointKeeper:
+    """Writes checkpoints of the run (rank 0 only, never non-finite weights), resumes from the
+    newest readable one, and rolls back to it after a run of non-finite steps."""
+
+    def __init__(self, run: RunDir, config: FlowConfig, settings: dict, keep: int, dist: D.DistInfo, log: Log):
+        self.run, self.config, self.settings, self.keep, self.dist, self.log = run, config, settings, keep, dist, log
+
+    def save(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer, state: TrainState) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        bad = [
+            f"{which}.{n}"
+            for which, m in (("model", model), ("ema", ema.model))
+            for n, p in m.state_dict().items()
+            if p.is_floating_point() and not torch.isfinite(p).all()
+        ]
+        if bad:
+            self.log(f"not writing a checkpoint: non-finite values in {bad[:3]}")
+            return None
+        ck = dict(
+            config=self.config.to_dict(),
+            model=model.state_dict(),
+            ema=ema.model.state_dict(),
+            optimizer=opt.state_dict(),
+            train_state=state.to_dict(),
+            rng=dict(torch=torch.get_rng_state()),
+            settings=self.settings,
+            world_size=self.dist.world_size,
+        )
+        return self.run.save_checkpoint(state.step, ck, self.keep)
+
+    def _load_latest(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer) -> tuple[Path, dict] | None:
+        # Every rank reads the same file (the run directory is shared), so optimizer states agree.
+        found = self.run.latest_checkpoint(log=self.log)
+        if found is None:
+            return None
+        path, ck = found
+        model.load_state_dict(ck["model"])
+        ema.model.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        return path, ck
+
+    def resume(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer) -> tuple[Path, TrainState]:
+        found = self.run.latest_checkpoint(log=self.log)
+        if found is None:
+            raise CheckpointError(f"--resume: no readable checkpoint in {self.run.checkpoints}")
+        saved = FlowConfig.from_dict(found[1]["config"])
+        diffs = saved.architecture_differences(self.config)
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {found[0]} was written for another config (checkpoint vs now: {'; '.join(diffs)})"
+            )
+        recipe = [
+            f"{k}: {v!r} -> {getattr(self.config, k)!r}"
+            for k, v in saved.to_dict().items()
+            if k in TRAINING_FIELDS and v != getattr(self.config, k)
+        ]
+        if recipe:
+            self.log(f"resuming with a changed training recipe: {'; '.join(recipe)}")
+        path, ck = self._load_latest(model, ema, opt)
+        return path, TrainState.from_dict(ck["train_state"])
+
+    def rollback(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer) -> bool:
+        """Restore the newest checkpoint's weights and optimizer; the counters go on."""
+        found = self._load_latest(model, ema, opt)
+        if found is not None:
+            self.log(f"rolled back to {found[0]}; re-warming the learning rate")
+        return found is not None
+
+
+class MetricsWriter:
+    """metrics.csv (rank 0; rows after a resumed checkpoint are dropped) and TensorBoard when installed."""
+
+    def __init__(self, run: RunDir, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = run.metrics_file, enabled
+        self.tb = None
+        if not enabled:
+            return
+        if not self.path.exists():
+            atomic_write_text(self.path, ",".join(METRIC_FIELDS) + "\n")
+        elif resume_step is not None:
+            self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            return
+        self.tb = SummaryWriter(str(run.tensorboard))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop rows written after the checkpoint (they will be recomputed)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
+        kept = [
+            r
+            for r in rows
+            if None not in r.values()
+            and len(r) == len(METRIC_FIELDS)
+            and (r.get("step") or "").isdigit()
+            and int(r["step"]) <= step
+        ]
+        lines = [",".join(METRIC_FIELDS)] + [",".join(r.get(k, "") or "" for k in METRIC_FIELDS) for r in kept]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        vals = [f"{v:.9g}" if isinstance(v, float) else str(v) for v in (row.get(k, "") for k in METRIC_FIELDS)]
+        with open(self.path, "a") as f:
+            f.write(",".join(vals) + "\n")
+        if self.tb is not None:
+            for k in ("train_bpd", "valid_bpd", "lr", "img_per_s", "inverse_error", "grad_norm"):
+                v = row.get(k)
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def evaluate_now(
+    ema: FlowPlusPlus, valid_x: Tensor, settings: TrainSettings, run: RunDir, step: int, dist: D.DistInfo
+) -> dict:
+    """Validation bits/dim (sharded, noise fixed per image), and on rank 0 the inverse error of 16
+    images and a sample grid."""
+    res = evaluate_bpd(ema, valid_x, batch_size=settings.eval_batch_size, seed=1234, dist=dist)
+    inv_err = float("nan")
+    if dist.is_main:
+        with torch.no_grad():
+            p = next(ema.parameters())
+            y = valid_x[:16].to(p.device).to(p.dtype) + 0.5
+            inv_err = float((ema.decode(ema.encode(y)) - y).abs().max())
+            g = torch.Generator(device=p.device).manual_seed(settings.seed)
+            save_grid(ema.sample(settings.num_samples, generator=g), ema.config.num_levels, run.sample_grid(step))
+    return dict(valid_bpd=res["bpd"], inverse_error=inv_err)
 
 
 class _Stop:
@@ -155,405 +437,227 @@ class _Stop:
         return False
 
 
-class _MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and not path.exists():
-            atomic_write_text(path, ",".join(METRIC_FIELDS) + "\n")
+class _Every:
+    """Due every ``steps`` steps or every ``minutes`` of wall-clock, whichever comes first."""
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows written after the checkpoint (they will be recomputed)."""
-        if not self.enabled or not self.path.exists():
-            return
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
-        kept = [r for r in rows if None not in r.values() and len(r) == len(METRIC_FIELDS)
-                and (r.get("step") or "").isdigit() and int(r["step"]) <= step]
-        lines = [",".join(METRIC_FIELDS)] + [",".join(r.get(k, "") or "" for k in METRIC_FIELDS) for r in kept]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+    def __init__(self, steps: int | None, minutes: float | None):
+        self.steps, self.seconds, self.last = steps, minutes * 60 if minutes else None, time.monotonic()
 
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        vals = []
-        for k in METRIC_FIELDS:
-            v = row.get(k, "")
-            vals.append(f"{v:.9g}" if isinstance(v, float) else str(v))
-        with open(self.path, "a") as f:
-            f.write(",".join(vals) + "\n")
-            f.flush()
+    def due(self, step: int) -> bool:
+        return bool(
+            (self.steps and step % self.steps == 0) or (self.seconds and time.monotonic() - self.last >= self.seconds)
+        )
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
 
 
-def _tensorboard(out_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+# --- the loop -------------------------------------------------------------------------------------------
 
 
-def _to_nchw(images: np.ndarray | Tensor) -> Tensor:
-    if isinstance(images, Tensor):
-        return images
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def check_dataset_fits(config: FlowConfig, images: Tensor, num_levels: int, what: str) -> None:
-    shape = tuple(images.shape[1:])
-    if shape != tuple(config.image_shape):
-        raise ValueError(f"{what} images have shape (C, H, W) = {shape}, but config {config.name!r} "
-                         f"expects {tuple(config.image_shape)}")
-    if num_levels != config.num_levels:
-        raise ValueError(f"{what} data has {num_levels} levels, but config {config.name!r} expects "
-                         f"{config.num_levels}; pick a config made for this data")
-
-
-def train(config: FlowConfig, settings: TrainSettings, train_images: np.ndarray | Tensor,
-          valid_images: np.ndarray | Tensor, *, num_levels: int | None = None, resume: bool = False,
-          log: Callable[[str], None] = print, step_hook: Callable[[int, Tensor], Tensor] | None = None) -> dict:
+def train(
+    config: FlowConfig,
+    settings: TrainSettings,
+    train_images: np.ndarray | Tensor,
+    valid_images: np.ndarray | Tensor,
+    *,
+    num_levels: int | None = None,
+    resume: bool = False,
+    log: Log = print,
+    step_hook: Callable[[int, Tensor], Tensor] | None = None,
+) -> dict:
     """Train ``config`` on uint8 images (NHWC numpy or NCHW tensor) and return the summary.
 
     ``step_hook(step, loss) -> loss`` lets tests inject faults (e.g. a NaN loss).
     """
-    out = Path(settings.out_dir)
-    train_x, valid_x = _to_nchw(train_images), _to_nchw(valid_images)
-    check_dataset_fits(config, train_x, num_levels or config.num_levels, "training")
-    check_dataset_fits(config, valid_x, num_levels or config.num_levels, "validation")
-
-    device = resolve_device(settings.device)
-    info = D.setup_distributed(device.type)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    main = info.is_main
-    say = log if main else (lambda *_: None)
-    if config.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
-                         f"number of processes ({info.world_size})")
-    local_bs = config.batch_size // info.world_size
-
-    ckpt_dir = out / "checkpoints"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(f"run directory {out} is not writable")
-        existing = list_checkpoints(ckpt_dir)
-        if existing and not resume:
-            raise FileExistsError(f"{out} already holds checkpoints ({existing[-1].name}); pass --resume to "
-                                  f"continue that run or choose another --out")
-        (out / "samples").mkdir(exist_ok=True)
-        for stale in ckpt_dir.glob("*.tmp") if ckpt_dir.is_dir() else []:
-            stale.unlink()  # a write interrupted by a crash; the checkpoints themselves are whole
-    D.barrier(info)
+    train_x, valid_x = to_nchw(train_images), to_nchw(valid_images)[: settings.eval_images]
+    config.check_data(train_x.shape[1:], num_levels or config.num_levels, "training")
+    config.check_data(valid_x.shape[1:], num_levels or config.num_levels, "validation")
+    if not settings.max_steps and not (settings.max_minutes and settings.max_minutes > 0):
+        raise UsageError("give --max-steps and/or a positive --max-minutes")
+    device = D.resolve_device(settings.device)
+    dist = D.setup_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if config.batch_size % dist.world_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
+            f"number of processes ({dist.world_size})"
+        )
+    mine = slice(
+        dist.rank * config.batch_size // dist.world_size, (dist.rank + 1) * config.batch_size // dist.world_size
+    )
+    say = log if dist.is_main else (lambda *_: None)
+    run = RunDir(settings.out_dir)
+    if dist.is_main:
+        run.create(resume)
+    D.barrier(dist)
 
     torch.manual_seed(settings.seed)
     model = FlowPlusPlus(config).to(device)
-    if settings.bf16:
-        model.set_autocast(torch.bfloat16)
-    if settings.activation_checkpointing:
-        model.set_activation_checkpointing(True)
-    ema: FlowPlusPlus | None = None
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                           betas=config.adam_betas, eps=config.adam_eps)
-    state = dict(step=0, images_seen=0, epoch=0, offset=0, train_seconds=0.0, wall_seconds=0.0, rewarm_from=None,
-                 skipped_steps=0, rollbacks=0, best_valid_bpd=None, last_valid_bpd=None)
-
-    def load_state(ck: dict, path: Path) -> None:
-        nonlocal ema
-        saved = FlowConfig.from_dict(ck["config"])
-        diffs = saved.architecture_differences(config)
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} was written for another config (checkpoint vs now: "
-                                  f"{'; '.join(diffs)})")
-        recipe = [f"{k}: {v!r} -> {getattr(config, k)!r}" for k, v in saved.to_dict().items()
-                  if k in TRAINING_FIELDS and v != getattr(config, k)]
-        if recipe:
-            say(f"resuming with a changed training recipe: {'; '.join(recipe)}")
-        model.load_state_dict(ck["model"])
-        ema = copy.deepcopy(model)  # a copy keeps the autocast setting
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        state.update(ck["train_state"])
-
-    resumed_from = None
+    model.set_autocast(torch.bfloat16 if settings.bf16 else None)
+    model.set_activation_checkpointing(settings.activation_checkpointing)
+    opt = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=config.adam_betas, eps=config.adam_eps
+    )
+    ema = EMA(model, config.ema_decay, config.ema_warmup)
+    settings_dict = json.loads(json.dumps(asdict(settings), default=str))  # plain data for the checkpoints
+    keeper = CheckpointKeeper(run, config, settings_dict, settings.keep_checkpoints, dist, say)
+    resumed_from, state = None, TrainState()
     if resume:
-        found = latest_checkpoint(ckpt_dir, log=say)
-        if found is None:
-            raise CheckpointError(f"--resume: no readable checkpoint in {ckpt_dir}")
-        path, ck = found
-        load_state(ck, path)
-        resumed_from = str(path)
-        say(f"resuming from {path} (step {state['step']})")
-
-    if ema is None:  # a fresh run: data-dependent init on rank 0's init batch, then share it
-        init_idx = epoch_permutation(train_x.shape[0], settings.seed, -1)[: config.init_batch_size]
-        if main:
-            model.train()
-            model.initialize(train_x[init_idx].to(device))
-        D.broadcast_module(model, info)
+        resumed_from, state = keeper.resume(model, ema, opt)
+        say(f"resuming from {resumed_from} (step {state.step})")
+    else:  # data-dependent init on rank 0's init batch, then every rank takes rank 0's weights
+        if dist.is_main:
+            model.initialize(
+                train_x[epoch_permutation(len(train_x), settings.seed, -1)[: config.init_batch_size]].to(device)
+            )
+        D.broadcast_module(model, dist)
         model.initialized.fill_(True)
-        ema = copy.deepcopy(model)
-    ema.eval()
-    ema.requires_grad_(False)
-
-    net: torch.nn.Module = model
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    settings_dict = asdict(settings)
-    if main:
-        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        atomic_write_text(out / "settings.json", json.dumps(settings_dict, indent=2, default=str) + "\n")
-    metrics = _MetricsLog(out / "metrics.csv", main)
-    if resume:
-        metrics.truncate_after(state["step"])
-    tb = _tensorboard(out, main)
-
+        ema = EMA(model, config.ema_decay, config.ema_warmup)
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.enabled
+        else model
+    )
+    if dist.is_main:
+        run.write_config(config)
+        run.write_settings(settings_dict)
+    metrics = MetricsWriter(run, dist.is_main, resume_step=state.step if resume else None)
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"flowpp: config {config.name} ({n_params:,} parameters), {train_x.shape[0]:,} training images, "
-        f"device {device}, {info.world_size} process(es), global batch {config.batch_size}")
+    say(
+        f"flowpp: config {config.name} ({n_params:,} parameters), {len(train_x):,} training images, "
+        f"device {device}, {dist.world_size} process(es), global batch {config.batch_size}"
+    )
 
-    valid_eval = valid_x[: settings.eval_images]
-    scale = 1.0 / (config.num_dims * math.log(2.0))
-
-    def evaluate_now(step: int) -> dict:
-        t0 = time.perf_counter()
-        # The noise of image i is fixed by (seed, i), and each rank scores a shard whose sums and
-        # counts are all-reduced (not means of means): any world size gives the same number.
-        n_eval = valid_eval.shape[0]
-        noise_all = model.dequantizer.sample_noise((n_eval, *config.image_shape), torch.Generator().manual_seed(1234))
-        mine = torch.arange(info.rank, n_eval, info.world_size)
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for i in range(0, mine.numel(), settings.eval_batch_size):
-                idx = mine[i: i + settings.eval_batch_size]
-                lp = ema.log_prob(valid_eval[idx].to(device), check=False, noise=noise_all[idx].to(device))
-                total[0] += (lp.double() * -scale).sum()
-                total[1] += idx.numel()
-        D.all_reduce_sum(total, info)
-        valid_bpd = float(total[0] / total[1]) if total[1] > 0 else float("nan")
-        inv_err = float("nan")
-        if main:
-            with torch.no_grad():
-                y = valid_eval[:16].to(device).to(next(ema.parameters()).dtype) + 0.5
-                inv_err = float((ema.decode(ema.encode(y)) - y).abs().max())
-                gs = torch.Generator(device=device).manual_seed(settings.seed) if device.type == "cuda" \
-                    else torch.Generator().manual_seed(settings.seed)
-                samples = ema.sample(settings.num_samples, generator=gs)
-                save_grid(samples, config.num_levels, out / "samples" / f"step-{step:08d}.png")
-        return dict(valid_bpd=valid_bpd, inverse_error=inv_err, seconds=time.perf_counter() - t0)
-
-    def checkpoint_now() -> Path | None:
-        if not main:
-            return None
-        bad = [f"{which}.{n}" for which, m in (("model", model), ("ema", ema)) for n, p in m.state_dict().items()
-               if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad:
-            say(f"not writing a checkpoint: non-finite values in {bad[:3]}")
-            return None
-        ck = dict(
-            config=config.to_dict(), model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-            train_state=dict(state), rng=dict(torch=torch.get_rng_state()),
-            settings=json.loads(json.dumps(settings_dict, default=str)), world_size=info.world_size,
-        )
-        path = save_checkpoint(ckpt_dir / f"checkpoint-{state['step']:08d}.pt", ck)
-        for old in list_checkpoints(ckpt_dir)[: -settings.keep_checkpoints]:
-            remove_checkpoint(old)
-        return path
-
-    def rollback() -> bool:
-        # Every rank reads the same file (the run directory is shared), so optimizer states agree.
-        found = latest_checkpoint(ckpt_dir, log=say)
-        if found is None:
-            return False
-        path, ck = found
-        kept = {k: state[k] for k in ("step", "images_seen", "epoch", "offset", "train_seconds", "wall_seconds",
-                                     "skipped_steps", "rollbacks")}
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        state.update(kept)
-        say(f"rolled back to {path} after {settings.max_bad_steps} non-finite steps; re-warming the learning rate")
-        return True
-
-    # --- the loop ---------------------------------------------------------------------------
-    budget_s = settings.max_minutes * 60.0 if settings.max_minutes else None
-
-    def progress_fraction() -> float | None:
-        fr = []
-        if settings.max_steps:
-            fr.append(state["step"] / settings.max_steps)
-        if budget_s:
-            fr.append(state["train_seconds"] / budget_s)
-        return max(fr) if fr else None
-
-    def finished() -> bool:
-        if settings.max_steps is not None and state["step"] >= settings.max_steps:
-            return True
-        return budget_s is not None and state["train_seconds"] >= budget_s
-
-    if settings.max_steps is None and budget_s is None:
-        raise ValueError("give --max-steps and/or --max-minutes")
-
-    batches = batch_iterator(train_x.shape[0], config.batch_size, settings.seed, state["epoch"], state["offset"])
+    progress = functools.partial(budget_used, settings, state)
+    finished = lambda: progress() >= 1.0  # noqa: E731
+    batches = batch_iterator(len(train_x), config.batch_size, settings.seed, state.epoch, state.offset)
+    eval_timer = _Every(settings.eval_every, settings.eval_minutes)
+    ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes)
     bar = None
-    if main and settings.progress:
+    if dist.is_main and settings.progress:
         from tqdm import tqdm
-        bar = tqdm(total=settings.max_steps, initial=state["step"], dynamic_ncols=True, unit="step")
-    last_ckpt_time = last_eval_time = time.monotonic()
-    wall_start = time.monotonic() - state["wall_seconds"]  # wall-clock of the run, across resumes
-    window_bpd, window_imgs, window_time = [], 0, 0.0
-    bad_in_row = 0
-    grad_norm_val = float("nan")
-    stop_reason = "budget"
-    ckpt_path = None
-    last_eval: dict = {}
+
+        bar = tqdm(total=settings.max_steps, initial=state.step, dynamic_ncols=True, unit="step")
+    wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
+    window = dict(bpd=[], images=0, seconds=0.0)
+    bad_in_row, grad_norm, stop_reason, ckpt_path = 0, float("nan"), "budget", None
 
     with _Stop() as stop:
         stop_agreed = False
         while not finished():
-            if stop_agreed or (stop.requested and not info.enabled):
+            if stop_agreed or (stop.requested and not dist.enabled):
                 stop_reason = "signal"
                 break
             t0 = time.perf_counter()
-            step = state["step"]
             epoch, offset, idx = next(batches)
-            local_idx = idx[info.rank * local_bs: (info.rank + 1) * local_bs]
-            x = train_x[local_idx].to(device, non_blocking=True)
-            gen = _step_generator(settings.seed, step)
-            noise = model.dequantizer.sample_noise((config.batch_size, *config.image_shape), gen)
-            noise = noise[info.rank * local_bs: (info.rank + 1) * local_bs].to(device)
-            torch.manual_seed(settings.seed * 1_000_003 + step * 8_191 + info.rank)  # dropout stream
-
-            lr = learning_rate(config, step, progress_fraction())
-            if state["rewarm_from"] is not None and config.warmup_steps > 0:
-                lr *= min(1.0, (step - state["rewarm_from"] + 1) / config.warmup_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-
-            model.train()
-            log_p = net(x, check=False, noise=noise)
-            loss = -(log_p.mean()) * scale  # bits/dim of this (local) batch
-            if step_hook is not None:
-                loss = step_hook(step, loss)
-            opt.zero_grad(set_to_none=True)
-            grad_norm = backward_and_clip(loss, model.parameters(), config)
-            ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            if info.enabled:
-                # Every rank must agree to step or to skip, and to stop on a signal (else the
-                # collectives would hang); the logged loss is the global mean.
-                agg = torch.stack([ok.to(torch.float64).reshape(()), loss.detach().double().reshape(()),
-                                   torch.tensor(float(stop.requested), dtype=torch.float64, device=device)])
-                D.all_reduce_sum(agg, info)
-                agg = agg.cpu()
-                finite = bool(agg[0].item() == info.world_size)
-                global_bpd = float(agg[1]) / info.world_size
-                stop_agreed = bool(agg[2] > 0)
-            else:
-                finite = bool(ok)
-                global_bpd = float(loss.detach())
-                stop_agreed = stop.requested
-            state["epoch"], state["offset"] = epoch, offset
-            state["step"] = step + 1
-            state["images_seen"] += config.batch_size
+            x = train_x[idx[mine]].to(device, non_blocking=True)
+            noise = step_noise(model, config, settings.seed, state.step)[mine].to(device)
+            torch.manual_seed(settings.seed * 1_000_003 + state.step * 8_191 + dist.rank)  # dropout stream
+            lr = learning_rate_now(config, state, progress())
+            loss, norm, finite = train_step(net, model, opt, x, noise, lr, step_hook, state.step)
+            finite, global_bpd, stop_agreed = agree(finite, loss, stop.requested, dist)
+            state.epoch, state.offset = epoch, offset
+            state.step += 1
+            state.images_seen += config.batch_size
             if finite:
                 opt.step()
-                decay = config.ema_decay
-                if config.ema_warmup:  # short runs: an average over the steps so far, up to ema_decay
-                    decay = min(decay, (1.0 + step) / (10.0 + step))
-                ema_update(ema, model, decay)
-                bad_in_row = 0
-                window_bpd.append(global_bpd)
-                grad_norm_val = float(grad_norm)
+                ema.update(model, state.step - 1)
+                bad_in_row, grad_norm = 0, float(norm)
+                window["bpd"].append(global_bpd)
             else:
                 opt.zero_grad(set_to_none=True)
-                state["skipped_steps"] += 1
+                state.skipped_steps += 1
                 bad_in_row += 1
-                say(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
+                say(f"step {state.step - 1}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= settings.max_bad_steps:
-                    if rollback():
-                        state["rollbacks"] += 1
-                        state["rewarm_from"] = state["step"]
+                    if keeper.rollback(model, ema, opt):
+                        state.rollbacks += 1
+                        state.rewarm_from = state.step
                     else:
                         say("no checkpoint to roll back to yet; continuing to skip bad steps")
                     bad_in_row = 0
             dt = time.perf_counter() - t0
-            state["train_seconds"] += dt
-            window_time += dt
-            window_imgs += config.batch_size
-
-            s = state["step"]
+            state.train_seconds += dt
+            window["seconds"] += dt
+            window["images"] += config.batch_size
+            img_per_s = window["images"] / max(window["seconds"], 1e-9)
             if bar is not None:
                 bar.update(1)
-                if window_bpd:
-                    bar.set_postfix(bpd=f"{window_bpd[-1]:.3f}", lr=f"{lr:.2e}",
-                                    img_s=f"{window_imgs / max(window_time, 1e-9):.1f}")
-            row = None
+                if window["bpd"]:
+                    bar.set_postfix(bpd=f"{window['bpd'][-1]:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
+
+            s, row = state.step, None
             if s % settings.log_every == 0 or finished():
-                row = dict(step=s, images_seen=state["images_seen"],
-                           train_bpd=float(np.mean(window_bpd)) if window_bpd else float("nan"), lr=lr,
-                           img_per_s=window_imgs / max(window_time, 1e-9), grad_norm=grad_norm_val,
-                           skipped_steps=state["skipped_steps"], rollbacks=state["rollbacks"],
-                           train_seconds=state["train_seconds"])
-                window_bpd, window_imgs, window_time = [], 0, 0.0
-            now = time.monotonic()
-            due_eval = (settings.eval_every and s % settings.eval_every == 0) or \
-                       (settings.eval_minutes and now - last_eval_time >= settings.eval_minutes * 60)
-            if due_eval and not finished():
-                last_eval = evaluate_now(s)
-                last_eval_time = time.monotonic()
-                state["last_valid_bpd"] = last_eval["valid_bpd"]
-                if state["best_valid_bpd"] is None or last_eval["valid_bpd"] < state["best_valid_bpd"]:
-                    state["best_valid_bpd"] = last_eval["valid_bpd"]
-                row = dict(row or dict(step=s, images_seen=state["images_seen"], lr=lr),
-                           valid_bpd=last_eval["valid_bpd"], inverse_error=last_eval["inverse_error"])
-                say(f"step {s}: valid bpd {last_eval['valid_bpd']:.4f} (EMA), inverse error "
-                    f"{last_eval['inverse_error']:.2e}")
-            state["wall_seconds"] = time.monotonic() - wall_start
+                row = dict(
+                    step=s,
+                    images_seen=state.images_seen,
+                    lr=lr,
+                    img_per_s=img_per_s,
+                    grad_norm=grad_norm,
+                    train_bpd=float(np.mean(window["bpd"])) if window["bpd"] else float("nan"),
+                    skipped_steps=state.skipped_steps,
+                    rollbacks=state.rollbacks,
+                    train_seconds=state.train_seconds,
+                )
+                window = dict(bpd=[], images=0, seconds=0.0)
+            if eval_timer.due(s) and not finished():
+                result = evaluate_now(ema.model, valid_x, settings, run, s, dist)
+                eval_timer.reset()
+                state.record_valid(result["valid_bpd"])
+                row = {**(row or dict(step=s, images_seen=state.images_seen, lr=lr)), **result}
+                say(f"step {s}: valid bpd {result['valid_bpd']:.4f} (EMA), inverse error {result['inverse_error']:.2e}")
+            state.wall_seconds = time.monotonic() - wall_start
             if row is not None:
-                row["wall_seconds"] = state["wall_seconds"]
-                metrics.write(row)
-                if tb is not None:
-                    for k in ("train_bpd", "valid_bpd", "lr", "img_per_s", "inverse_error", "grad_norm"):
-                        v = row.get(k)
-                        if isinstance(v, float) and math.isfinite(v):
-                            tb.add_scalar(k, v, s)
-            due_ckpt = (settings.checkpoint_every and s % settings.checkpoint_every == 0) or \
-                       (settings.checkpoint_minutes and now - last_ckpt_time >= settings.checkpoint_minutes * 60)
-            if due_ckpt and not finished():
-                ckpt_path = checkpoint_now()
-                last_ckpt_time = time.monotonic()
+                metrics.write({**row, "wall_seconds": state.wall_seconds})
+            if ckpt_timer.due(s) and not finished():
+                ckpt_path = keeper.save(model, ema, opt, state)
+                ckpt_timer.reset()
 
         if bar is not None:
             bar.close()
         # Final checkpoint (also on SIGTERM / SIGINT), then the final evaluation.
-        ckpt_path = checkpoint_now() or ckpt_path
+        ckpt_path = keeper.save(model, ema, opt, state) or ckpt_path
         if stop_reason == "signal":
-            say(f"stopped by signal at step {state['step']}; checkpoint {ckpt_path}")
-    final = evaluate_now(state["step"]) if stop_reason != "signal" else {}
-    if final:
-        state["last_valid_bpd"] = final["valid_bpd"]
-        if state["best_valid_bpd"] is None or final["valid_bpd"] < state["best_valid_bpd"]:
-            state["best_valid_bpd"] = final["valid_bpd"]
-        metrics.write(dict(step=state["step"], images_seen=state["images_seen"], valid_bpd=final["valid_bpd"],
-                           inverse_error=final["inverse_error"], skipped_steps=state["skipped_steps"],
-                           rollbacks=state["rollbacks"], train_seconds=state["train_seconds"],
-                           wall_seconds=time.monotonic() - wall_start))
-        say(f"done: step {state['step']}, valid bpd {final['valid_bpd']:.4f} (EMA, {valid_eval.shape[0]} images)")
+            say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
+    final = {}
+    if stop_reason != "signal":
+        final = evaluate_now(ema.model, valid_x, settings, run, state.step, dist)
+        state.record_valid(final["valid_bpd"])
+        metrics.write(
+            dict(
+                step=state.step,
+                images_seen=state.images_seen,
+                skipped_steps=state.skipped_steps,
+                rollbacks=state.rollbacks,
+                train_seconds=state.train_seconds,
+                wall_seconds=time.monotonic() - wall_start,
+                **final,
+            )
+        )
+        say(f"done: step {state.step}, valid bpd {final['valid_bpd']:.4f} (EMA, {len(valid_x)} images)")
     summary = dict(
-        config=config.name, dataset=settings.dataset, dataset_description=settings.dataset_description,
-        parameters=n_params, steps=state["step"], images_seen=state["images_seen"],
-        train_seconds=state["train_seconds"], final_valid_bpd=state["last_valid_bpd"],
-        best_valid_bpd=state["best_valid_bpd"], final_inverse_error=final.get("inverse_error"),
-        skipped_steps=state["skipped_steps"], rollbacks=state["rollbacks"], stopped_by=stop_reason,
-        checkpoint=str(ckpt_path) if ckpt_path else None, resumed_from=resumed_from,
-        world_size=info.world_size, device=str(device), torch_version=torch.__version__,
+        config=config.name,
+        dataset=settings.dataset,
+        dataset_description=settings.dataset_description,
+        parameters=n_params,
+        steps=state.step,
+        images_seen=state.images_seen,
+        train_seconds=state.train_seconds,
+        final_valid_bpd=state.last_valid_bpd,
+        best_valid_bpd=state.best_valid_bpd,
+        final_inverse_error=final.get("inverse_error"),
+        skipped_steps=state.skipped_steps,
+        rollbacks=state.rollbacks,
+        stopped_by=stop_reason,
+        checkpoint=str(ckpt_path) if ckpt_path else None,
+        resumed_from=resumed_from and str(resumed_from),
+        world_size=dist.world_size,
+        device=str(device),
+        torch_version=torch.__version__,
     )
-    if main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if tb is not None:
-            tb.close()
+    if dist.is_main:
+        run.write_summary(summary)
+    metrics.close()
     return summary

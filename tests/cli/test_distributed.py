@@ -1,4 +1,5 @@
 """torchrun / DDP on CPU (gloo, 2 processes): the same numbers as one process."""
+
 import csv
 import json
 import os
@@ -20,8 +21,17 @@ def launch(nproc, *args, timeout=240):
     if nproc == 1:
         cmd = [sys.executable, "-m", "flowpp", "train", *map(str, args)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "flowpp", "train", *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "flowpp",
+            "train",
+            *map(str, args),
+        ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -83,7 +93,8 @@ def test_resume_across_world_sizes(runs, tmp_path, tiny_npz):
 
 
 def test_indivisible_batch_fails_cleanly(tmp_path, tiny_npz):
-    proc = launch(2, *COMMON, "--data", tiny_npz, "--out", tmp_path / "bad", "--max-steps", 2,
-                  "--batch-size", 7, timeout=120)
+    proc = launch(
+        2, *COMMON, "--data", tiny_npz, "--out", tmp_path / "bad", "--max-steps", 2, "--batch-size", 7, timeout=120
+    )
     assert proc.returncode != 0
     assert "divisible" in proc.stderr

@@ -1,5 +1,6 @@
 """The official protocol from the command line: n-bit data, training on train+valid with the test
 set for validation, and the paper's evaluation reminder."""
+
 import json
 
 import numpy as np
@@ -30,15 +31,18 @@ def test_five_bit_model_trains_evaluates_and_scores_below_five_bits(tmp_path, ti
     Image.fromarray(test[0]).save(tmp_path / "t0.png")
     np.savez(tmp_path / "t0.npz", x=test[:1] >> 3)
     capsys.readouterr()
-    assert run("score", "--run", out, tmp_path / "t0.png", tmp_path / "t0.npz", "--json", "--samples", 2,
-               "--seed", 1) == 0
+    assert (
+        run("score", "--run", out, tmp_path / "t0.png", tmp_path / "t0.npz", "--json", "--samples", 2, "--seed", 1) == 0
+    )
     png_bpd, npz_bpd = (r["bpd"] for r in json.loads(capsys.readouterr().out)["scores"])
     assert png_bpd < 5.0 and abs(png_bpd - npz_bpd) < 0.2
 
 
 def test_bits_must_agree_with_an_n_bit_config(tmp_path, tiny_npz, capsys):
-    assert run(*TRAIN, "--data", tiny_npz, "--out", tmp_path / "r", "--max-steps", 1, "--set", "num_levels=8",
-               "--bits", 5) == 2
+    assert (
+        run(*TRAIN, "--data", tiny_npz, "--out", tmp_path / "r", "--max-steps", 1, "--set", "num_levels=8", "--bits", 5)
+        == 2
+    )
     assert "--bits 5 asks for 32 levels, but config 'tiny' models 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: N must be 1..8
         run(*TRAIN, "--data", tiny_npz, "--out", tmp_path / "r", "--max-steps", 1, "--bits", 9)
@@ -63,6 +67,20 @@ def test_eval_of_an_official_config_states_the_papers_protocol(tmp_path, tiny_np
     assert run("eval", "--run", out, "--data", tiny_npz, "--split", "test", "--limit", 4) == 0
     printed = capsys.readouterr().out
     assert "S = 4096" in printed and "--split test --samples 4096" in printed
-    assert run("eval", "--run", tmp_path / "official", "--data", tiny_npz, "--limit", 1, "--samples", 4096,
-               "--batch-size", 1) == 0
+    assert (
+        run(
+            "eval",
+            "--run",
+            tmp_path / "official",
+            "--data",
+            tiny_npz,
+            "--limit",
+            1,
+            "--samples",
+            4096,
+            "--batch-size",
+            1,
+        )
+        == 0
+    )
     assert "S = 4096 on the test" not in capsys.readouterr().out

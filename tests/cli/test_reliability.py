@@ -1,4 +1,5 @@
 """Crash safety: SIGKILL at random moments, exact resume, NaN recovery, hostile checkpoints, full disks."""
+
 import json
 import os
 import random
@@ -16,8 +17,21 @@ from flowpp.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from flowpp.cli import main
 from flowpp.train import TrainSettings, train
 
-ARGS = ["--config", "tiny", "--no-progress", "--log-every", "1", "--eval-images", "8", "--checkpoint-every", "1",
-        "--keep-checkpoints", "2", "--device", "cpu"]
+ARGS = [
+    "--config",
+    "tiny",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--eval-images",
+    "8",
+    "--checkpoint-every",
+    "1",
+    "--keep-checkpoints",
+    "2",
+    "--device",
+    "cpu",
+]
 STEPS = 14
 
 
@@ -41,27 +55,41 @@ def uninterrupted(tmp_path_factory, tiny_npz):
     return _final_state(out)
 
 
+def _metric_rows(out):
+    path = out / "metrics.csv"
+    return path.read_text().splitlines()[1:] if path.exists() else []
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_at_random_points_then_resume_is_bit_exact(trial, tmp_path, tiny_npz, uninterrupted):
     rng = random.Random(1000 + trial)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    kills = 0
+    kills, kills_while_training = 0, 0
     for attempt in range(12):
         resume = bool(list_checkpoints(out / "checkpoints"))
-        proc = subprocess.Popen(_cmd(out, tiny_npz, resume), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        if attempt < 3:  # kill the first attempts at a random moment (start-up, training or saving)
+        proc = subprocess.Popen(
+            _cmd(out, tiny_npz, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        if attempt == 0:  # once training has written its first rows, at a random moment of the steps
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None and len(_metric_rows(out)) < 1:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
+        elif attempt < 3:  # then at any moment (start-up, training or saving)
             time.sleep(rng.uniform(0.5, 6.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
+        if attempt < 3 and proc.poll() is None:
+            training = len(_metric_rows(out)) >= 1 and not (out / "summary.json").exists()
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+            kills_while_training += training
         _, err = proc.communicate(timeout=300)
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err[-3000:]
     else:
         pytest.fail("the run never completed")
+    assert kills_while_training >= 1, "no SIGKILL landed during training: the test proved nothing"
     final = _final_state(out)
     for key in ("model", "ema"):
         for name, t in uninterrupted[key].items():
@@ -70,8 +98,17 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(trial, tmp_path, tiny
 
 
 def _settings(out, **kw):
-    base = dict(out_dir=str(out), max_steps=12, checkpoint_every=2, checkpoint_minutes=None, eval_images=8,
-                progress=False, device="cpu", max_bad_steps=3, log_every=1)
+    base = dict(
+        out_dir=str(out),
+        max_steps=12,
+        checkpoint_every=2,
+        checkpoint_minutes=None,
+        eval_images=8,
+        progress=False,
+        device="cpu",
+        max_bad_steps=3,
+        log_every=1,
+    )
     base.update(kw)
     return TrainSettings(**base)
 
@@ -87,8 +124,9 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, tiny_npz):
     def inject(step, loss):
         return loss * float("nan") if step in bad_steps else loss
 
-    summary = train(flowpp.get_config("tiny"), _settings(tmp_path / "run"), *_data(tiny_npz), step_hook=inject,
-                    log=lambda *_: None)
+    summary = train(
+        flowpp.get_config("tiny"), _settings(tmp_path / "run"), *_data(tiny_npz), step_hook=inject, log=lambda *_: None
+    )
     assert summary["steps"] == 12
     assert summary["skipped_steps"] == 4 and summary["rollbacks"] == 1
     assert np.isfinite(summary["final_valid_bpd"])
@@ -126,26 +164,34 @@ def test_never_writes_a_nan_checkpoint(tmp_path, tiny_npz, monkeypatch):
         return loss
 
     msgs = []
-    train(flowpp.get_config("tiny"), _settings(tmp_path / "run", max_steps=4, max_bad_steps=100), *_data(tiny_npz),
-          step_hook=hook, log=msgs.append)
+    train(
+        flowpp.get_config("tiny"),
+        _settings(tmp_path / "run", max_steps=4, max_bad_steps=100),
+        *_data(tiny_npz),
+        step_hook=hook,
+        log=msgs.append,
+    )
     names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["checkpoint-00000002.pt"]
     assert any("not writing a checkpoint" in m for m in msgs)
 
 
 class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, (f"touch {Evil.marker}",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_malicious_checkpoint_runs_nothing(tmp_path):
-    Evil.marker = tmp_path / "pwned"
+    marker = tmp_path / "pwned"
     path = tmp_path / "checkpoints" / "checkpoint-00000001.pt"
     path.parent.mkdir()
-    torch.save({"format": "flowpp-checkpoint", "version": 1, "config": {}, "model": Evil()}, path)
+    torch.save({"format": "flowpp-checkpoint", "version": 1, "config": {}, "model": Evil(marker)}, path)
     with pytest.raises(CheckpointError, match="checkpoint-00000001.pt"):
         load_checkpoint(path)
-    assert not Evil.marker.exists()
+    assert not marker.exists()
 
 
 def test_truncated_and_corrupted_checkpoints_are_refused(tmp_path):
@@ -215,8 +261,23 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path, tiny_npz, capsys):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_npz):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "flowpp", "train", *ARGS[:-6], "--device", "cpu", "--data", str(tiny_npz),
-           "--out", str(out), "--max-steps", "100000", "--eval-images", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowpp",
+        "train",
+        *ARGS[:-6],
+        "--device",
+        "cpu",
+        "--data",
+        str(tiny_npz),
+        "--out",
+        str(out),
+        "--max-steps",
+        "100000",
+        "--eval-images",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.csv").exists():

@@ -1,4 +1,5 @@
 """End-to-end command-line tests on tiny data: the files and numbers each command produces."""
+
 import csv
 import json
 import math
@@ -42,8 +43,20 @@ def test_train_writes_the_run_directory(trained):
     assert math.isfinite(summary["final_valid_bpd"]) and 0 < summary["final_valid_bpd"] < 12
     assert summary["final_inverse_error"] < 1e-2
     rows = read_metrics(trained)
-    assert list(rows[0]) == ["step", "images_seen", "train_bpd", "valid_bpd", "lr", "img_per_s", "inverse_error",
-                             "grad_norm", "skipped_steps", "rollbacks", "train_seconds", "wall_seconds"]
+    assert list(rows[0]) == [
+        "step",
+        "images_seen",
+        "train_bpd",
+        "valid_bpd",
+        "lr",
+        "img_per_s",
+        "inverse_error",
+        "grad_norm",
+        "skipped_steps",
+        "rollbacks",
+        "train_seconds",
+        "wall_seconds",
+    ]
     train_rows = [r for r in rows if r["train_bpd"]]
     assert [int(r["step"]) for r in train_rows] == [1, 2, 3, 4, 5, 6]
     cfg = flowpp.get_config("tiny")
@@ -63,8 +76,22 @@ def test_train_writes_the_run_directory(trained):
 def test_resume_continues_from_saved_step_and_lr(tmp_path, tiny_npz):
     out = tmp_path / "run"
     assert run(*TRAIN, "--data", tiny_npz, "--out", out, "--max-steps", 4) == 0
-    assert run("train", "--resume", "--out", out, "--max-steps", 7, "--no-progress", "--log-every", "1",
-               "--eval-images", "16") == 0
+    assert (
+        run(
+            "train",
+            "--resume",
+            "--out",
+            out,
+            "--max-steps",
+            7,
+            "--no-progress",
+            "--log-every",
+            "1",
+            "--eval-images",
+            "16",
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["resumed_from"].endswith("checkpoint-00000004.pt")
     rows = [r for r in read_metrics(out) if r["train_bpd"]]
@@ -79,8 +106,22 @@ def test_resume_is_exact(tmp_path, tiny_npz):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(*TRAIN, "--data", tiny_npz, "--out", a, "--max-steps", 6) == 0
     assert run(*TRAIN, "--data", tiny_npz, "--out", b, "--max-steps", 3) == 0
-    assert run("train", "--resume", "--out", b, "--max-steps", 6, "--no-progress", "--eval-images", "16",
-               "--log-every", "1") == 0
+    assert (
+        run(
+            "train",
+            "--resume",
+            "--out",
+            b,
+            "--max-steps",
+            6,
+            "--no-progress",
+            "--eval-images",
+            "16",
+            "--log-every",
+            "1",
+        )
+        == 0
+    )
     ca = load_checkpoint(list_checkpoints(a / "checkpoints")[-1])
     cb = load_checkpoint(list_checkpoints(b / "checkpoints")[-1])
     for key in ("model", "ema"):
@@ -154,8 +195,23 @@ def test_score_pngs_and_npz(trained, tmp_path, capsys):
 
 def test_dry_run_prints_config_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "never"
-    assert run("train", "--config", "cifar10", "--data", "cifar10", "--out", out, "--dry-run",
-               "--batch-size", "32", "--set", "dropout=0.1") == 0
+    assert (
+        run(
+            "train",
+            "--config",
+            "cifar10",
+            "--data",
+            "cifar10",
+            "--out",
+            out,
+            "--dry-run",
+            "--batch-size",
+            "32",
+            "--set",
+            "dropout=0.1",
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"]["batch_size"] == 32 and printed["config"]["dropout"] == 0.1
     assert printed["config"]["filters"] == 96
@@ -208,9 +264,11 @@ def test_compile_flag_compiles_the_loaded_model(trained, tiny_npz, tmp_path, mon
     monkeypatch.setattr(flowpp.FlowPlusPlus, "compile_networks", lambda self, **kw: calls.append(self) or self)
     png = tmp_path / "img.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
-    args = {"eval": ("--data", tiny_npz, "--split", "test", "--limit", 4, "--out", tmp_path / "e.json"),
-            "sample": ("-n", 2, "--out", tmp_path / "s.png"),
-            "score": (png, "--samples", 1)}[command]
+    args = {
+        "eval": ("--data", tiny_npz, "--split", "test", "--limit", 4, "--out", tmp_path / "e.json"),
+        "sample": ("-n", 2, "--out", tmp_path / "s.png"),
+        "score": (png, "--samples", 1),
+    }[command]
     assert run(command, "--run", trained, *args) == 0
     assert len(calls) == 0
     assert run(command, "--run", trained, *args, "--compile") == 0

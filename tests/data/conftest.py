@@ -31,6 +31,7 @@ CIFAR_DIR = "cifar-10-batches-py"
 # images with recognisable content
 # ---------------------------------------------------------------------------
 
+
 def make_images(n, h, w, c, start=0, levels=256):
     """(n, h, w, c) uint8; image k (global index start+k) differs from every other
     and every pixel depends on its row, column and channel, so a transposed or
@@ -45,6 +46,7 @@ def make_images(n, h, w, c, start=0, levels=256):
 # ---------------------------------------------------------------------------
 # CIFAR-10: Python-2 style protocol-2 pickles, as the official batches are
 # ---------------------------------------------------------------------------
+
 
 def py2_pickle(obj) -> bytes:
     """Pickle `obj` the way Python 2's cPickle (protocol 2) wrote the CIFAR-10
@@ -152,8 +154,15 @@ def cifar_tarball_bytes(per_batch=3, test_n=4, batch_blobs=None, extra=None, gz=
         dinfo.type = tarfile.DIRTYPE
         dinfo.mode = 0o755
         tar.addfile(dinfo)
-        for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
-                     "data_batch_5", "test_batch", "batches.meta"]:
+        for name in [
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+            "test_batch",
+            "batches.meta",
+        ]:
             tar_add_bytes(tar, f"{CIFAR_DIR}/{name}", blobs[name])
         tar_add_bytes(tar, f"{CIFAR_DIR}/readme.html", b"<html></html>")
         if extra is not None:
@@ -172,6 +181,7 @@ def cifar_expected(per_batch=3, test_n=4):
 # MNIST IDX
 # ---------------------------------------------------------------------------
 
+
 def idx_bytes(images, magic=0x00000803) -> bytes:
     """IDX3 ubyte file for (n, rows, cols) or (n, rows, cols, 1) images."""
     images = np.asarray(images, dtype=np.uint8)
@@ -188,6 +198,7 @@ def idx_gz_bytes(images) -> bytes:
 # ---------------------------------------------------------------------------
 # PNG, tar of PNGs, npz
 # ---------------------------------------------------------------------------
+
 
 def png_bytes(arr, mode=None) -> bytes:
     arr = np.asarray(arr, dtype=np.uint8)
@@ -222,8 +233,7 @@ def chrabaszcz_npz(path, images, compressed=False):
     data = images.transpose(0, 3, 1, 2).reshape(n, 3 * s * s)
     save = np.savez_compressed if compressed else np.savez
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save(path, data=data, labels=np.arange(1, n + 1, dtype=np.int64),
-         mean=np.zeros(3 * s * s, dtype=np.float64))
+    save(path, data=data, labels=np.arange(1, n + 1, dtype=np.int64), mean=np.zeros(3 * s * s, dtype=np.float64))
     return path
 
 
@@ -255,11 +265,20 @@ def closed_port_url() -> str:
 def fmt():
     """The builders above, as attributes (usable inside hypothesis tests)."""
     return types.SimpleNamespace(
-        make_images=make_images, py2_pickle=py2_pickle, cifar_batch=cifar_batch,
-        tar_add_bytes=tar_add_bytes, cifar_tarball_bytes=cifar_tarball_bytes,
-        cifar_expected=cifar_expected, idx_bytes=idx_bytes, idx_gz_bytes=idx_gz_bytes,
-        png_bytes=png_bytes, vdo_tar=vdo_tar, chrabaszcz_npz=chrabaszcz_npz,
-        png_folder=png_folder, md5_bytes=md5_bytes, closed_port_url=closed_port_url,
+        make_images=make_images,
+        py2_pickle=py2_pickle,
+        cifar_batch=cifar_batch,
+        tar_add_bytes=tar_add_bytes,
+        cifar_tarball_bytes=cifar_tarball_bytes,
+        cifar_expected=cifar_expected,
+        idx_bytes=idx_bytes,
+        idx_gz_bytes=idx_gz_bytes,
+        png_bytes=png_bytes,
+        vdo_tar=vdo_tar,
+        chrabaszcz_npz=chrabaszcz_npz,
+        png_folder=png_folder,
+        md5_bytes=md5_bytes,
+        closed_port_url=closed_port_url,
         CIFAR_DIR=CIFAR_DIR,
     )
 

@@ -59,8 +59,7 @@ def test_extracted_folder_is_read(data_dir, fmt, monkeypatch):
     folder = data_dir / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for b in range(5):
-        (folder / f"data_batch_{b + 1}").write_bytes(
-            fmt.cifar_batch(fmt.make_images(2, 32, 32, 3, start=2 * b)))
+        (folder / f"data_batch_{b + 1}").write_bytes(fmt.cifar_batch(fmt.make_images(2, 32, 32, 3, start=2 * b)))
     (folder / "test_batch").write_bytes(fmt.cifar_batch(fmt.make_images(3, 32, 32, 3, start=50)))
     va = load_dataset("cifar10", "valid", data_dir=data_dir, download=False, log=None)
     np.testing.assert_array_equal(va.images, fmt.make_images(2, 32, 32, 3, start=8))
@@ -72,12 +71,12 @@ def test_extracted_folder_is_read(data_dir, fmt, monkeypatch):
 def test_missing_member_is_named(data_dir, fmt):
     import io
     import tarfile
+
     root = data_dir / "cifar10"
     root.mkdir()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        fmt.tar_add_bytes(tar, "cifar-10-batches-py/test_batch",
-                          fmt.cifar_batch(fmt.make_images(2, 32, 32, 3)))
+        fmt.tar_add_bytes(tar, "cifar-10-batches-py/test_batch", fmt.cifar_batch(fmt.make_images(2, 32, 32, 3)))
     (root / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
     assert load_dataset("cifar10", "test", data_dir=data_dir, download=False, log=None).images.shape[0] == 2
     with pytest.raises(DatasetError, match="data_batch_1"):
@@ -94,6 +93,7 @@ def test_absent_without_download_names_file_and_place(data_dir):
 
 # --- the unpickler itself ---------------------------------------------------
 
+
 def test_py2_batch_pickle_roundtrip(fmt):
     imgs = fmt.make_images(5, 32, 32, 3, start=7)
     out = cifar_batch_images(fmt.cifar_batch(imgs), "batch")
@@ -103,8 +103,12 @@ def test_py2_batch_pickle_roundtrip(fmt):
 @pytest.mark.parametrize("protocol", [3, 4])
 def test_python3_pickles_of_the_same_dict_load(fmt, protocol):
     imgs = fmt.make_images(2, 32, 32, 3)
-    d = {b"batch_label": b"x", b"labels": [1, 2], b"filenames": [b"a", b"b"],
-         b"data": imgs.transpose(0, 3, 1, 2).reshape(2, 3072)}
+    d = {
+        b"batch_label": b"x",
+        b"labels": [1, 2],
+        b"filenames": [b"a", b"b"],
+        b"data": imgs.transpose(0, 3, 1, 2).reshape(2, 3072),
+    }
     np.testing.assert_array_equal(cifar_batch_images(pickle.dumps(d, protocol=protocol), "b"), imgs)
     # str keys (a latin-1/str re-pickle) are accepted too
     d2 = {k.decode(): v for k, v in d.items()}
@@ -127,13 +131,16 @@ def test_python3_protocol2_needs_codecs_and_is_refused(fmt):
         restricted_loads(pickle.dumps(d, protocol=2), "b")
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({b"data": np.zeros((2, 3071), np.uint8)}, r"shape \(n, 3072\)"),
-    ({b"data": np.zeros((2, 3072), np.float32)}, "uint8"),
-    ({b"labels": [1]}, "no 'data'"),
-    ({b"data": [1, 2, 3]}, "found list"),
-    ({b"data": np.zeros((0, 3072), np.uint8)}, "no images"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({b"data": np.zeros((2, 3071), np.uint8)}, r"shape \(n, 3072\)"),
+        ({b"data": np.zeros((2, 3072), np.float32)}, "uint8"),
+        ({b"labels": [1]}, "no 'data'"),
+        ({b"data": [1, 2, 3]}, "found list"),
+        ({b"data": np.zeros((0, 3072), np.uint8)}, "no images"),
+    ],
+)
 def test_wrong_batch_contents(bad, match):
     with pytest.raises(DatasetError, match=match):
         cifar_batch_images(pickle.dumps(bad, protocol=4), "batch")

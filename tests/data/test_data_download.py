@@ -22,7 +22,7 @@ def test_cifar_download_success(http_dir, data_dir, fmt, monkeypatch, logbook):
     te = load_dataset("cifar10", "test", data_dir=data_dir, log=logbook.append)
     np.testing.assert_array_equal(te.images, fmt.cifar_expected(2, 3)[1])
     root = data_dir / "cifar10"
-    assert _leftovers(root) == ["cifar-10-python.tar.gz"]          # no temp files
+    assert _leftovers(root) == ["cifar-10-python.tar.gz"]  # no temp files
     assert (root / "cifar-10-python.tar.gz").read_bytes() == blob
     assert any("downloading" in m for m in logbook) and any("MD5 verified" in m for m in logbook)
 
@@ -107,8 +107,13 @@ def test_fetch_truncated_response(tmp_path, fmt):
     try:
         dest = tmp_path / "out" / "f.bin"
         with pytest.raises(DatasetError, match="f.bin"):
-            fetch([f"http://127.0.0.1:{server.server_address[1]}/f.bin"], dest,
-                  fmt.md5_bytes(b"x" * 1000), timeout=5, log=None)
+            fetch(
+                [f"http://127.0.0.1:{server.server_address[1]}/f.bin"],
+                dest,
+                fmt.md5_bytes(b"x" * 1000),
+                timeout=5,
+                log=None,
+            )
         assert _leftovers(dest.parent) == []
     finally:
         server.shutdown()

@@ -1,5 +1,6 @@
 """User datasets: .npz files and folders of PNG images; read_images; digits; ImageSet."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ def _load(path, split="train"):
 
 
 # --- npz ----------------------------------------------------------------------
+
 
 def test_npz_with_holdout(tmp_path, fmt):
     x_train = fmt.make_images(25, 6, 5, 3)
@@ -45,30 +47,55 @@ def test_npz_with_x_valid_nhw_and_levels(tmp_path, fmt):
 
 def test_npz_value_out_of_range(tmp_path):
     p = tmp_path / "bad.npz"
-    np.savez(p, x_train=np.full((3, 2, 2, 1), 5, np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8),
-             num_levels=np.array(4))
+    np.savez(
+        p, x_train=np.full((3, 2, 2, 1), 5, np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8), num_levels=np.array(4)
+    )
     with pytest.raises(DatasetError, match="pixel value 5 is out of range for 4 levels"):
         _load(p)
 
 
-@pytest.mark.parametrize("arrays, split, match", [
-    (dict(x_train=np.zeros((3, 2, 2, 1), np.uint8)), "test", "no array 'x_test'"),
-    (dict(x_test=np.zeros((3, 2, 2, 1), np.uint8)), "train", "no array 'x_train'"),
-    (dict(x_train=np.zeros((3, 2, 2, 1), np.float32), x_test=np.zeros((1, 2, 2, 1), np.uint8)),
-     "train", "dtype float32; it must be uint8"),
-    (dict(x_train=np.zeros((3, 4), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8)),
-     "train", r"shape \(3, 4\)"),
-    (dict(x_train=np.zeros((0, 2, 2, 1), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8)),
-     "train", "empty"),
-    (dict(x_train=np.zeros((3, 2, 2, 1), np.uint8), x_test=np.zeros((1, 3, 2, 1), np.uint8)),
-     "test", "x_train images are"),
-    (dict(x_train=np.zeros((3, 2, 2, 1), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8),
-          num_levels=np.array(300)), "train", "outside 2..256"),
-    (dict(x_train=np.zeros((3, 2, 2, 1), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8),
-          num_levels=np.array(2.5)), "train", "one integer"),
-    (dict(x_train=np.zeros((1, 2, 2, 1), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8)),
-     "train", "need more than 1"),
-])
+@pytest.mark.parametrize(
+    "arrays, split, match",
+    [
+        (dict(x_train=np.zeros((3, 2, 2, 1), np.uint8)), "test", "no array 'x_test'"),
+        (dict(x_test=np.zeros((3, 2, 2, 1), np.uint8)), "train", "no array 'x_train'"),
+        (
+            dict(x_train=np.zeros((3, 2, 2, 1), np.float32), x_test=np.zeros((1, 2, 2, 1), np.uint8)),
+            "train",
+            "dtype float32; it must be uint8",
+        ),
+        (dict(x_train=np.zeros((3, 4), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8)), "train", r"shape \(3, 4\)"),
+        (dict(x_train=np.zeros((0, 2, 2, 1), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8)), "train", "empty"),
+        (
+            dict(x_train=np.zeros((3, 2, 2, 1), np.uint8), x_test=np.zeros((1, 3, 2, 1), np.uint8)),
+            "test",
+            "x_train images are",
+        ),
+        (
+            dict(
+                x_train=np.zeros((3, 2, 2, 1), np.uint8),
+                x_test=np.zeros((1, 2, 2, 1), np.uint8),
+                num_levels=np.array(300),
+            ),
+            "train",
+            "outside 2..256",
+        ),
+        (
+            dict(
+                x_train=np.zeros((3, 2, 2, 1), np.uint8),
+                x_test=np.zeros((1, 2, 2, 1), np.uint8),
+                num_levels=np.array(2.5),
+            ),
+            "train",
+            "one integer",
+        ),
+        (
+            dict(x_train=np.zeros((1, 2, 2, 1), np.uint8), x_test=np.zeros((1, 2, 2, 1), np.uint8)),
+            "train",
+            "need more than 1",
+        ),
+    ],
+)
 def test_npz_refusals(tmp_path, arrays, split, match):
     p = tmp_path / "d.npz"
     np.savez(p, **arrays)
@@ -82,6 +109,7 @@ def test_npz_object_array_is_never_unpickled(tmp_path):
     class Evil:
         def __reduce__(self):
             import os
+
             return (os.system, (f"touch {marker}",))
 
     p = tmp_path / "evil.npz"
@@ -95,10 +123,12 @@ def test_npz_object_array_is_never_unpickled(tmp_path):
 
 def test_npz_header_lying_about_size(tmp_path):
     import zipfile
+
     p = tmp_path / "lie.npz"
     hdr = np.lib.format.header_data_from_array_1_0(np.zeros((2, 2), np.uint8))
     hdr["shape"] = (100000, 100000)
     import io
+
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, hdr)
     with zipfile.ZipFile(p, "w") as z:
@@ -124,11 +154,12 @@ def test_shared_cifar_npz_uses_x_valid_and_needs_x_test():
 
 # --- PNG folders ------------------------------------------------------------------
 
+
 def test_flat_folder_split(tmp_path, fmt):
     imgs = fmt.make_images(11, 5, 7, 3)
     root = tmp_path / "pics"
-    fmt.png_folder(root / "a", imgs[:6], prefix="x")      # nested: a/x_0000.png ...
-    fmt.png_folder(root, imgs[6:], prefix="y")            # top level: y_0000.png ...
+    fmt.png_folder(root / "a", imgs[:6], prefix="x")  # nested: a/x_0000.png ...
+    fmt.png_folder(root, imgs[6:], prefix="y")  # top level: y_0000.png ...
     tr, va, te = (_load(root, s) for s in ("train", "valid", "test"))
     # sorted relative paths: a/x_* before y_*; valid = last ceil(11/10) = 2
     np.testing.assert_array_equal(tr.images, imgs[:9])
@@ -221,6 +252,7 @@ def test_truncated_png_in_folder(tmp_path, fmt):
 
 # --- dispatch, names, ImageSet -------------------------------------------------
 
+
 def test_unknown_dataset_and_split(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset 'nope'"):
         load_dataset("nope", log=None)
@@ -253,8 +285,8 @@ def test_data_dir_env_default(tmp_path, fmt, monkeypatch):
 def test_imageset_validation():
     ok = ImageSet(np.zeros((2, 3, 3, 1), np.uint8), 256, "n", "d")
     assert len(ok) == 2 and ok.image_shape == (3, 3, 1)
-    with pytest.raises(Exception):
-        ok.name = "other"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ok.name = "other"
     for bad in (np.zeros((2, 3, 3), np.uint8), np.zeros((2, 3, 3, 1), np.float32), np.zeros((0, 3, 3, 1), np.uint8)):
         with pytest.raises(DatasetError):
             ImageSet(bad, 256, "n", "d")
@@ -264,6 +296,7 @@ def test_imageset_validation():
 
 # --- digits -------------------------------------------------------------------
 
+
 def test_digits():
     pytest.importorskip("sklearn")
     tr, va, te = (load_dataset("digits", s, log=None) for s in ("train", "valid", "test"))
@@ -271,6 +304,7 @@ def test_digits():
     assert tr.images.shape[1:] == (8, 8, 1) and tr.num_levels == 17
     assert max(int(s.images.max()) for s in (tr, va, te)) == 16
     from sklearn.datasets import load_digits
+
     x = load_digits().images.astype(np.uint8)[..., None]
     np.testing.assert_array_equal(np.concatenate([tr.images, va.images, te.images]), x)
     if (SHARED / "digits8x8.npz").is_file():
@@ -281,6 +315,7 @@ def test_digits():
 
 def test_digits_without_sklearn(monkeypatch):
     import sys
+
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(DatasetError, match="pip install scikit-learn"):
@@ -289,8 +324,10 @@ def test_digits_without_sklearn(monkeypatch):
 
 # --- read_images ----------------------------------------------------------------
 
+
 def test_read_images(tmp_path, fmt, logbook):
     from PIL import Image
+
     rgb = fmt.make_images(1, 5, 4, 3)[0]
     gray = fmt.make_images(1, 3, 2, 1)[0]
     (tmp_path / "a.png").write_bytes(fmt.png_bytes(rgb))
@@ -313,8 +350,13 @@ def test_read_images_refusals(tmp_path, fmt):
     (tmp_path / "rgba.png").write_bytes(fmt.png_bytes(fmt.make_images(1, 2, 2, 3)[0], mode="RGBA"))
     (tmp_path / "fake.png").write_bytes(b"GIF89a" + b"\x00" * 20)
     np.savez(tmp_path / "f.npz", x=np.zeros((2, 2, 2), np.float32))
-    cases = [("missing.png", "no such file"), ("a.gif", "unsupported file type"),
-             ("rgba.png", "mode 'RGBA'"), ("fake.png", "fake.png"), ("f.npz", "no uint8 array")]
+    cases = [
+        ("missing.png", "no such file"),
+        ("a.gif", "unsupported file type"),
+        ("rgba.png", "mode 'RGBA'"),
+        ("fake.png", "fake.png"),
+        ("f.npz", "no uint8 array"),
+    ]
     for name, match in cases:
         with pytest.raises(DatasetError, match=match):
             read_images([tmp_path / name])

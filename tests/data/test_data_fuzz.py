@@ -13,8 +13,9 @@ from flowpp.data import VALID_SIZES, DatasetError, ImageSet, load_dataset, read_
 from flowpp.data.formats import cifar_batch_images
 
 # The autouse fixtures (offline URLs, env) are the same for every example.
-FUZZ = settings(max_examples=40, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 def mutation():
@@ -50,13 +51,15 @@ def check_load(fn, expect_tail):
 @pytest.fixture(scope="module")
 def blobs(fmt):
     import io
+
     make_images = fmt.make_images
     buf = io.BytesIO()
     np.savez(buf, x_train=make_images(12, 6, 6, 3), x_test=make_images(3, 6, 6, 3, start=50))
     npz = buf.getvalue()
     buf = io.BytesIO()
-    np.savez_compressed(buf, x_train=make_images(12, 6, 6, 1), x_test=make_images(3, 6, 6, 1, start=50),
-                        num_levels=np.array(256))
+    np.savez_compressed(
+        buf, x_train=make_images(12, 6, 6, 1), x_test=make_images(3, 6, 6, 1, start=50), num_levels=np.array(256)
+    )
     rng = np.random.default_rng(1)
     return {
         "cifar": fmt.cifar_tarball_bytes(per_batch=2, test_n=2),
@@ -78,8 +81,7 @@ def test_fuzz_cifar_tarball(blobs, monkeypatch, mut, plain, split):
         root = Path(d) / "cifar10"
         root.mkdir()
         (root / "cifar-10-python.tar.gz").write_bytes(data)
-        check_load(lambda: load_dataset("cifar10", split, data_dir=d, download=False, log=None),
-                   (32, 32, 3))
+        check_load(lambda: load_dataset("cifar10", split, data_dir=d, download=False, log=None), (32, 32, 3))
 
 
 @FUZZ
@@ -102,13 +104,11 @@ def test_fuzz_idx_gz(blobs, mut, raw_bytes):
         p = root / "t10k-images-idx3-ubyte.gz"
         for data in (apply(blobs["idx"], mut), raw_bytes):
             p.write_bytes(data)
-            check_load(lambda: load_dataset("mnist", "test", data_dir=d, download=False, log=None),
-                       (28, 28, 1))
+            check_load(lambda: load_dataset("mnist", "test", data_dir=d, download=False, log=None), (28, 28, 1))
 
 
 @FUZZ
-@given(mut=mutation(), which=st.sampled_from(["npz", "npz_z"]),
-       split=st.sampled_from(["train", "valid", "test"]))
+@given(mut=mutation(), which=st.sampled_from(["npz", "npz_z"]), split=st.sampled_from(["train", "valid", "test"]))
 def test_fuzz_npz(blobs, mut, which, split):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "f.npz"

@@ -29,12 +29,14 @@ def _evil_pickle(marker, protocol):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     # str key: at protocols < 3 Python 3 pickles bytes through _codecs.encode,
     # which would be refused before the payload is even reached.
     return pickle.dumps({"data": Evil()}, protocol=protocol)
 
 
 # --- pickles ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
 def test_malicious_pickle_runs_nothing(tmp_path, protocol):
@@ -52,17 +54,20 @@ def test_malicious_batch_inside_tarball(tmp_path, data_dir, fmt):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    b"cbuiltins\neval\n(S'1+1'\ntR.",                                # protocol 0 GLOBAL
-    b"c__builtin__\nexec\n(S'import os'\ntR.",                       # python-2 name
-    b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x8c\x04eval\x93.",  # STACK_GLOBAL
-    b"(cos\nsystem\nS'true'\no.",                                    # OBJ
-    b"(S'true'\nios\nsystem\n.",                                     # INST
-    b"\x80\x02\x82\x01.",                                            # EXT1 (copyreg registry)
-    b"\x80\x02Pfoo\n.",                                              # persistent id
-    b"cnumpy\nload\n.",                                              # other numpy names
-    b"cnumpy.core.multiarray\nscalar\n.",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"cbuiltins\neval\n(S'1+1'\ntR.",  # protocol 0 GLOBAL
+        b"c__builtin__\nexec\n(S'import os'\ntR.",  # python-2 name
+        b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x8c\x04eval\x93.",  # STACK_GLOBAL
+        b"(cos\nsystem\nS'true'\no.",  # OBJ
+        b"(S'true'\nios\nsystem\n.",  # INST
+        b"\x80\x02\x82\x01.",  # EXT1 (copyreg registry)
+        b"\x80\x02Pfoo\n.",  # persistent id
+        b"cnumpy\nload\n.",  # other numpy names
+        b"cnumpy.core.multiarray\nscalar\n.",
+    ],
+)
 def test_forbidden_opcodes_and_globals(payload):
     with pytest.raises(DatasetError):
         restricted_loads(payload, "p")
@@ -78,11 +83,15 @@ def test_allowed_names_with_unexpected_arguments():
         restricted_loads(odd_dtype, "p")
 
 
-def _array_pickle(state_tail: bytes, dtype_state: bytes = b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb") -> bytes:
+def _array_pickle(
+    state_tail: bytes, dtype_state: bytes = b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+) -> bytes:
     """A py2-style pickle {'data': array} whose array state can be tampered with."""
-    return (b"\x80\x02}(U\x04data"
-            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(K\x00tU\x01b\x87R"
-            b"(K\x01" + state_tail + b"tbu.").replace(b"DTYPE", b"cnumpy\ndtype\n(U\x02u1K\x00K\x01tR" + dtype_state)
+    return (
+        b"\x80\x02}(U\x04data"
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(K\x00tU\x01b\x87R"
+        b"(K\x01" + state_tail + b"tbu."
+    ).replace(b"DTYPE", b"cnumpy\ndtype\n(U\x02u1K\x00K\x01tR" + dtype_state)
 
 
 def test_tampered_array_states():
@@ -92,8 +101,10 @@ def test_tampered_array_states():
     bad = {
         "short data": _array_pickle(b"(K\x01M\x00\x0ctDTYPE\x89U\x03abc"),
         "negative dim": _array_pickle(b"(J\xff\xff\xff\xffM\x00\x0ctDTYPE\x89U\x03abc"),
-        "dtype state": _array_pickle(b"(K\x01M\x00\x0ctDTYPE\x89T\x00\x0c\x00\x00" + b"\x07" * 3072,
-                                     dtype_state=b"(K\x03U\x01|N(U\x01aK\x01tNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"),
+        "dtype state": _array_pickle(
+            b"(K\x01M\x00\x0ctDTYPE\x89T\x00\x0c\x00\x00" + b"\x07" * 3072,
+            dtype_state=b"(K\x03U\x01|N(U\x01aK\x01tNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb",
+        ),
         "not a dtype": _array_pickle(b"(K\x01M\x00\x0ctU\x02u1\x89T\x00\x0c\x00\x00" + b"\x07" * 3072),
     }
     for why, payload in bad.items():
@@ -118,6 +129,7 @@ def test_truncated_pickle(fmt):
 
 # --- tar members ----------------------------------------------------------------
 
+
 def _member(tar, name, kind, data=b"x", linkname=""):
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -126,16 +138,19 @@ def _member(tar, name, kind, data=b"x", linkname=""):
     tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
 
-@pytest.mark.parametrize("name, kind, link, match", [
-    ("../evil", tarfile.REGTYPE, "", r"'\.\.' path component"),
-    ("cifar-10-batches-py/../../evil", tarfile.REGTYPE, "", "path traversal"),
-    ("/etc/evil", tarfile.REGTYPE, "", "absolute path"),
-    ("C:\\evil", tarfile.REGTYPE, "", "absolute path"),
-    ("cifar-10-batches-py/link", tarfile.SYMTYPE, "/etc/passwd", "link"),
-    ("cifar-10-batches-py/hard", tarfile.LNKTYPE, "cifar-10-batches-py/test_batch", "link"),
-    ("cifar-10-batches-py/dev", tarfile.CHRTYPE, "", "device"),
-    ("cifar-10-batches-py/fifo", tarfile.FIFOTYPE, "", "device, FIFO"),
-])
+@pytest.mark.parametrize(
+    "name, kind, link, match",
+    [
+        ("../evil", tarfile.REGTYPE, "", r"'\.\.' path component"),
+        ("cifar-10-batches-py/../../evil", tarfile.REGTYPE, "", "path traversal"),
+        ("/etc/evil", tarfile.REGTYPE, "", "absolute path"),
+        ("C:\\evil", tarfile.REGTYPE, "", "absolute path"),
+        ("cifar-10-batches-py/link", tarfile.SYMTYPE, "/etc/passwd", "link"),
+        ("cifar-10-batches-py/hard", tarfile.LNKTYPE, "cifar-10-batches-py/test_batch", "link"),
+        ("cifar-10-batches-py/dev", tarfile.CHRTYPE, "", "device"),
+        ("cifar-10-batches-py/fifo", tarfile.FIFOTYPE, "", "device, FIFO"),
+    ],
+)
 def test_unsafe_tar_members_refuse_the_archive(tmp_path, data_dir, fmt, name, kind, link, match):
     blob = fmt.cifar_tarball_bytes(per_batch=2, extra=lambda tar: _member(tar, name, kind, linkname=link))
     with pytest.raises(DatasetError, match=match):
@@ -148,14 +163,15 @@ def test_unsafe_tar_members_refuse_the_archive(tmp_path, data_dir, fmt, name, ki
 def test_symlink_in_place_of_a_batch(data_dir, fmt):
     def extra(tar):
         _member(tar, "cifar-10-batches-py/test_batch", tarfile.SYMTYPE, linkname="/etc/passwd")
+
     with pytest.raises(DatasetError, match="link"):
         _cifar(data_dir, fmt.cifar_tarball_bytes(per_batch=2, extra=extra), "test")
 
 
 def test_duplicate_member_refused(data_dir, fmt):
     def extra(tar):
-        fmt.tar_add_bytes(tar, "cifar-10-batches-py/test_batch",
-                          fmt.cifar_batch(fmt.make_images(1, 32, 32, 3)))
+        fmt.tar_add_bytes(tar, "cifar-10-batches-py/test_batch", fmt.cifar_batch(fmt.make_images(1, 32, 32, 3)))
+
     with pytest.raises(DatasetError, match="appears twice"):
         _cifar(data_dir, fmt.cifar_tarball_bytes(per_batch=2, extra=extra), "test")
 
@@ -163,8 +179,12 @@ def test_duplicate_member_refused(data_dir, fmt):
 def test_unsafe_member_in_png_tar(data_dir, fmt):
     root = data_dir / "imagenet32"
     root.mkdir()
-    fmt.vdo_tar(root / "valid_32x32.tar", "valid_32x32", fmt.make_images(2, 32, 32, 3),
-                extra=lambda tar: _member(tar, "valid_32x32/x.png", tarfile.SYMTYPE, linkname="../../y"))
+    fmt.vdo_tar(
+        root / "valid_32x32.tar",
+        "valid_32x32",
+        fmt.make_images(2, 32, 32, 3),
+        extra=lambda tar: _member(tar, "valid_32x32/x.png", tarfile.SYMTYPE, linkname="../../y"),
+    )
     with pytest.raises(DatasetError, match="link"):
         load_dataset("imagenet32", "test", data_dir=data_dir, download=False, log=None)
 
@@ -183,6 +203,7 @@ def test_oversized_member_refused(tmp_path):
 
 
 # --- corrupted / truncated archives ------------------------------------------------
+
 
 def test_corrupted_and_truncated_cifar_tarball(data_dir, fmt):
     good = fmt.cifar_tarball_bytes(per_batch=2)
@@ -206,8 +227,9 @@ def test_truncated_uncompressed_png_tar(data_dir, fmt):
 
 def test_corrupted_npz(tmp_path):
     p = tmp_path / "d.npz"
-    np.savez_compressed(p, x_train=np.arange(4000, dtype=np.uint8).reshape(10, 20, 20, 1) % 7,
-                        x_test=np.zeros((2, 20, 20, 1), np.uint8))
+    np.savez_compressed(
+        p, x_train=np.arange(4000, dtype=np.uint8).reshape(10, 20, 20, 1) % 7, x_test=np.zeros((2, 20, 20, 1), np.uint8)
+    )
     good = p.read_bytes()
     for bad in (good[: len(good) // 2], b"PK\x03\x04" + b"\x00" * 50, b"not a zip"):
         p.write_bytes(bad)

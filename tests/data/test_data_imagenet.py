@@ -116,8 +116,14 @@ def test_nothing_present_names_both_variants(data_dir):
     with pytest.raises(DatasetError) as ei:
         _load("imagenet64", "train", data_dir)
     msg = str(ei.value)
-    for needed in ("train_64x64.tar", "valid_64x64.tar", "Imagenet64_train_npz/train_data_batch_1.npz",
-                   "Imagenet64_val_npz/val_data.npz", "login", str(data_dir / "imagenet64")):
+    for needed in (
+        "train_64x64.tar",
+        "valid_64x64.tar",
+        "Imagenet64_train_npz/train_data_batch_1.npz",
+        "Imagenet64_val_npz/val_data.npz",
+        "login",
+        str(data_dir / "imagenet64"),
+    ):
         assert needed in msg
 
 

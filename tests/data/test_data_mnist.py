@@ -56,16 +56,19 @@ def test_real_split_sizes():
     assert VALID_SIZES["mnist"] == VALID_SIZES["fashion-mnist"] == 5000
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic"),               # labels file magic
-    (lambda b: b"\x00\x00\x0d\x03" + b[4:], "magic"),               # float type
-    (lambda b: b[:-1], "holds"),                                    # one byte short
-    (lambda b: b + b"\x00", "holds"),                               # one byte long
-    (lambda b: b[:4] + struct.pack(">I", 10**6) + b[8:], "holds"),  # lies about N
-    (lambda b: b[:4] + struct.pack(">III", 3, 14, 56) + b[16:], "14x56"),
-    (lambda b: b[:4] + struct.pack(">I", 0) + b[8:16], "empty"),
-    (lambda b: b[:10], "too short"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic"),  # labels file magic
+        (lambda b: b"\x00\x00\x0d\x03" + b[4:], "magic"),  # float type
+        (lambda b: b[:-1], "holds"),  # one byte short
+        (lambda b: b + b"\x00", "holds"),  # one byte long
+        (lambda b: b[:4] + struct.pack(">I", 10**6) + b[8:], "holds"),  # lies about N
+        (lambda b: b[:4] + struct.pack(">III", 3, 14, 56) + b[16:], "14x56"),
+        (lambda b: b[:4] + struct.pack(">I", 0) + b[8:16], "empty"),
+        (lambda b: b[:10], "too short"),
+    ],
+)
 def test_idx_header_validation(fmt, mutate, match):
     raw = fmt.idx_bytes(fmt.make_images(3, 28, 28, 1))
     assert parse_idx_images(raw, "f", expect_hw=(28, 28)).shape == (3, 28, 28, 1)
@@ -85,6 +88,7 @@ def test_broken_gzip_is_dataset_error(data_dir, fmt):
 
 def test_gzip_bomb_refused(data_dir, monkeypatch):
     from flowpp.data import datasets
+
     monkeypatch.setattr(datasets, "_IDX_MAX", 1000)
     root = data_dir / "mnist"
     root.mkdir()

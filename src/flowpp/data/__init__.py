@@ -12,12 +12,32 @@ arrays with values in ``0..num_levels-1`` and raises :class:`DatasetError`
 (a ``ValueError``) for every refusal.
 """
 
-from .datasets import (ALL_SPLITS, DATASET_NAMES, MD5, SPLITS, URLS, VALID_SIZES, ImageSet, default_data_dir,
-                       load_dataset, match_levels)
+from .datasets import (
+    ALL_SPLITS,
+    DATASET_NAMES,
+    MD5,
+    SPLITS,
+    URLS,
+    VALID_SIZES,
+    ImageSet,
+    default_data_dir,
+    load_dataset,
+    match_levels,
+)
 from .errors import DatasetError
 from .formats import read_images
 
 __all__ = [
-    "load_dataset", "ImageSet", "DatasetError", "read_images", "DATASET_NAMES", "SPLITS",
-    "URLS", "MD5", "VALID_SIZES", "default_data_dir", "match_levels", "ALL_SPLITS",
+    "load_dataset",
+    "ImageSet",
+    "DatasetError",
+    "read_images",
+    "DATASET_NAMES",
+    "SPLITS",
+    "URLS",
+    "MD5",
+    "VALID_SIZES",
+    "default_data_dir",
+    "match_levels",
+    "ALL_SPLITS",
 ]

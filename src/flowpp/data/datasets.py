@@ -42,12 +42,27 @@ import numpy as np
 
 from .download import fetch
 from .errors import DatasetError
-from .formats import (NpzReader, SafeTar, cifar_batch_images, decode_image, parse_idx_images,
-                      probe_image, read_gzip, read_tar_stream)
+from .formats import (
+    NpzReader,
+    SafeTar,
+    cifar_batch_images,
+    decode_image,
+    parse_idx_images,
+    probe_image,
+    read_gzip,
+    read_tar_stream,
+)
 
 __all__ = [
-    "ImageSet", "load_dataset", "default_data_dir", "DATASET_NAMES", "SPLITS",
-    "URLS", "MD5", "VALID_SIZES", "match_levels",
+    "ImageSet",
+    "load_dataset",
+    "default_data_dir",
+    "DATASET_NAMES",
+    "SPLITS",
+    "URLS",
+    "MD5",
+    "VALID_SIZES",
+    "match_levels",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -55,13 +70,25 @@ SPLITS = ("train", "valid", "test")
 ALL_SPLITS = SPLITS + ("train+valid",)
 
 #: The named datasets :func:`load_dataset` knows.
-DATASET_NAMES = ("cifar10", "mnist", "fashion-mnist", "imagenet32", "imagenet64", "digits",
-                 "celeba64-5bit", "celeba64-3bit", "celeba128-5bit")
+DATASET_NAMES = (
+    "cifar10",
+    "mnist",
+    "fashion-mnist",
+    "imagenet32",
+    "imagenet64",
+    "digits",
+    "celeba64-5bit",
+    "celeba64-3bit",
+    "celeba128-5bit",
+)
 
 _ALIASES = {
-    "cifar-10": "cifar10", "cifar": "cifar10",
-    "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
-    "imagenet-32": "imagenet32", "imagenet-64": "imagenet64",
+    "cifar-10": "cifar10",
+    "cifar": "cifar10",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+    "imagenet-32": "imagenet32",
+    "imagenet-64": "imagenet64",
 }
 
 #: Base URLs (mirrors, tried in order) of the downloadable datasets.  A file's
@@ -69,8 +96,7 @@ _ALIASES = {
 #: them elsewhere (e.g. a local mirror).
 URLS: dict = {
     "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-              "http://yann.lecun.com/exdb/mnist/"],
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
 }
 
@@ -78,16 +104,23 @@ URLS: dict = {
 #: dataset authors and in torchvision).
 MD5: dict = {
     "cifar10": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
-    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3"},
-    "fashion-mnist": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                      "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79"},
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    },
 }
 
 #: How many images at the end of the training file form the valid split.
 VALID_SIZES: dict = {
-    "cifar10": 5000, "mnist": 5000, "fashion-mnist": 5000,
-    "imagenet32": 10000, "imagenet64": 10000,
+    "cifar10": 5000,
+    "mnist": 5000,
+    "fashion-mnist": 5000,
+    "imagenet32": 10000,
+    "imagenet64": 10000,
 }
 
 # User .npz files: valid = last ceil(10%) of x_train, at most this many.
@@ -121,16 +154,20 @@ class ImageSet:
             raise DatasetError(f"{self.name}: images must be a uint8 (N, H, W, C) array, got {desc}")
         if min(x.shape) <= 0:
             raise DatasetError(f"{self.name}: empty image array of shape {x.shape}")
-        if isinstance(self.num_levels, bool) or not isinstance(self.num_levels, (int, np.integer)) \
-                or not 2 <= int(self.num_levels) <= 256:
-            raise DatasetError(f"{self.name}: num_levels must be an integer in 2..256, "
-                               f"got {self.num_levels!r}")
+        if (
+            isinstance(self.num_levels, bool)
+            or not isinstance(self.num_levels, (int, np.integer))
+            or not 2 <= int(self.num_levels) <= 256
+        ):
+            raise DatasetError(f"{self.name}: num_levels must be an integer in 2..256, got {self.num_levels!r}")
         object.__setattr__(self, "num_levels", int(self.num_levels))
         if self.num_levels < 256:
             top = int(x.max())
             if top >= self.num_levels:
-                raise DatasetError(f"{self.name}: pixel value {top} is out of range for "
-                                   f"{self.num_levels} levels (0..{self.num_levels - 1})")
+                raise DatasetError(
+                    f"{self.name}: pixel value {top} is out of range for "
+                    f"{self.num_levels} levels (0..{self.num_levels - 1})"
+                )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -157,11 +194,13 @@ def _quiet(_msg: str) -> None:
 # helpers
 # ---------------------------------------------------------------------------
 
+
 def _hold_out_range(n: int, split: str, n_valid: int, what: str) -> tuple:
     """(start, stop, detail) of `split` when the last `n_valid` of `n` are valid."""
     if n <= n_valid:
-        raise DatasetError(f"{what} holds {n} images; need more than {n_valid} to hold out "
-                           f"{n_valid} for the valid split")
+        raise DatasetError(
+            f"{what} holds {n} images; need more than {n_valid} to hold out {n_valid} for the valid split"
+        )
     if split == "train+valid":
         return 0, n, f"train+valid = all {n} images of {what}"
     if split == "train":
@@ -188,8 +227,10 @@ def _ensure_file(dataset: str, root: Path, filename: str, download: bool, log: L
     md5 = MD5[dataset][filename]
     where = urls[0] if urls else "the dataset's site"
     if not download:
-        raise DatasetError(f"{dataset}: {path} not found (download=False). Download {filename} "
-                           f"from {where} (MD5 {md5}) and place it in {root}/, or allow downloading.")
+        raise DatasetError(
+            f"{dataset}: {path} not found (download=False). Download {filename} "
+            f"from {where} (MD5 {md5}) and place it in {root}/, or allow downloading."
+        )
     return fetch(urls, path, md5, log=log)
 
 
@@ -231,9 +272,11 @@ def _load_cifar10(root: Path, split: str, download: bool, log: Log) -> tuple:
         got = read_tar_stream(tar_path, wanted, _CIFAR_MEMBER_MAX)
         missing = [w for w in wanted if w not in got]
         if missing:
-            raise DatasetError(f"{tar_path}: member(s) {', '.join(missing)} not found; this is not "
-                               "the official cifar-10-python.tar.gz (or it is truncated). Delete it "
-                               "and fetch it again.")
+            raise DatasetError(
+                f"{tar_path}: member(s) {', '.join(missing)} not found; this is not "
+                "the official cifar-10-python.tar.gz (or it is truncated). Delete it "
+                "and fetch it again."
+            )
         blobs = {n: (got[w], f"{tar_path}:{w}") for n, w in zip(names, wanted)}
         origin = str(tar_path)
     arrays = [cifar_batch_images(data, src) for data, src in blobs.values()]
@@ -312,8 +355,9 @@ def _imagenet_vdo(name: str, size: int, src: Path, split: str, log: Log) -> tupl
             out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
             step = max(1, (stop - start) // 10)
             for j, key in enumerate(keys[start:stop]):
-                out[j] = decode_image(tar.read(key, _PNG_MEMBER_MAX), f"{src}:{key}",
-                                      expect_size=shape, gray_to_rgb=True)
+                out[j] = decode_image(
+                    tar.read(key, _PNG_MEMBER_MAX), f"{src}:{key}", expect_size=shape, gray_to_rgb=True
+                )
                 _log_progress(log, src.name, j + 1, stop - start, step)
     else:
         files = _png_files(src)
@@ -336,12 +380,12 @@ def _imagenet_chrabaszcz(name: str, size: int, files: list, split: str, log: Log
         with NpzReader(f) as z:
             shape, dtype = z.info("data")
         if dtype != np.uint8 or len(shape) != 2 or shape[1] != row or shape[0] == 0:
-            raise DatasetError(f"{f}: 'data' must be a non-empty uint8 array of shape (n, {row}), "
-                               f"found {dtype} {shape}")
+            raise DatasetError(
+                f"{f}: 'data' must be a non-empty uint8 array of shape (n, {row}), found {dtype} {shape}"
+            )
         counts.append(shape[0])
     total = sum(counts)
-    what = files[0].parent.name + "/" + (files[0].name if len(files) == 1 else
-                                         f"{files[0].name}..{files[-1].name}")
+    what = files[0].parent.name + "/" + (files[0].name if len(files) == 1 else f"{files[0].name}..{files[-1].name}")
     start, stop, detail = _select(total, split, name, what)
     out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
     offset = 0
@@ -352,8 +396,8 @@ def _imagenet_chrabaszcz(name: str, size: int, files: list, split: str, log: Log
                 arr = z.read("data")
             if arr.shape != (c, row):
                 raise DatasetError(f"{f}: 'data' changed shape while reading")
-            rows = arr[lo - offset:hi - offset]
-            out[lo - start:hi - start] = rows.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
+            rows = arr[lo - offset : hi - offset]
+            out[lo - start : hi - start] = rows.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
             del arr, rows
             if log is not None and total >= 50000:
                 log(f"  read {f.name}")
@@ -381,7 +425,8 @@ def _load_imagenet(name: str, root: Path, split: str, log: Log) -> tuple:
             raise DatasetError(
                 f"{name}: found van den Oord et al. files in {root}/ but not {vdo_tar[role].name} "
                 f"(nor the extracted folder {vdo_dir[role].name}/). Place {vdo_tar[role].name} in "
-                f"{root}/ (from the downsampled-ImageNet page of van den Oord et al. 2016).")
+                f"{root}/ (from the downsampled-ImageNet page of van den Oord et al. 2016)."
+            )
         if log is not None:
             log(f"{name}: reading van den Oord et al. 2016 PNG archive {src}")
         x, detail = _imagenet_vdo(name, size, src, split, log)
@@ -392,8 +437,11 @@ def _load_imagenet(name: str, root: Path, split: str, log: Log) -> tuple:
         if missing:
             raise DatasetError(
                 f"{name}: found Chrabaszcz et al. 2017 npz files in {root}/ but these are missing: "
-                + ", ".join(missing) + ". Download the Imagenet" + str(size)
-                + "_train / _val npz archives from image-net.org (login needed) and unpack them there.")
+                + ", ".join(missing)
+                + ". Download the Imagenet"
+                + str(size)
+                + "_train / _val npz archives from image-net.org (login needed) and unpack them there."
+            )
         if log is not None:
             log(f"{name}: reading Chrabaszcz et al. 2017 npz batches from {files[0].parent}")
         x, detail = _imagenet_chrabaszcz(name, size, files, split, log)
@@ -407,7 +455,8 @@ def _load_imagenet(name: str, root: Path, split: str, log: Log) -> tuple:
             f"{vdo_dir['valid'].name}/), or\n"
             f"  (b) Chrabaszcz et al. 2017: Imagenet{size}_train_npz/train_data_batch_1.npz .. "
             f"train_data_batch_10.npz and Imagenet{size}_val_npz/val_data.npz\n"
-            f"in {root}/.")
+            f"in {root}/."
+        )
     return x, f"{title}; {detail}"
 
 
@@ -431,29 +480,33 @@ def _load_celeba(name: str, root: Path, split: str) -> tuple:
     if not path.is_file():
         raise DatasetError(
             f"{name}: {path} not found. The Flow++ release's pre-quantized CelebA files need a manual "
-            f"download (links in the release's flows_celeba/README.md): place {filename} in {root}/.")
+            f"download (links in the release's flows_celeba/README.md): place {filename} in {root}/."
+        )
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DatasetError(f"{path}: not a readable .npy array ({exc}); delete it and download it again") from exc
     if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3):
-        raise DatasetError(f"{path}: expected uint8 images of shape (N, {size}, {size}, 3), found {x.dtype} "
-                           f"{x.shape}")
+        raise DatasetError(f"{path}: expected uint8 images of shape (N, {size}, {size}, 3), found {x.dtype} {x.shape}")
     n = len(x)
     if n <= CELEBA_TEST + CELEBA_VALID:
-        raise DatasetError(f"{path}: holds {n} images; need more than {CELEBA_TEST + CELEBA_VALID} to hold out "
-                           f"the valid and test splits")
+        raise DatasetError(
+            f"{path}: holds {n} images; need more than {CELEBA_TEST + CELEBA_VALID} to hold out "
+            f"the valid and test splits"
+        )
     if split == "test":
         start, stop, detail = n - CELEBA_TEST, n, f"test = last {CELEBA_TEST} of {n} images"
     else:
-        start, stop, detail = _hold_out_range(n - CELEBA_TEST, split, CELEBA_VALID,
-                                              f"the first {n - CELEBA_TEST} of {n} images")
+        start, stop, detail = _hold_out_range(
+            n - CELEBA_TEST, split, CELEBA_VALID, f"the first {n - CELEBA_TEST} of {n} images"
+        )
     part = np.ascontiguousarray(x[start:stop])
     top = int(part.max())
-    if top >= 2 ** bits:
-        raise DatasetError(f"{path}: pixel value {top} in the {split} split, but a {bits}-bit file holds values "
-                           f"0..{2 ** bits - 1}")
-    return part, 2 ** bits, f"CelebA {size}x{size}, {bits} bits (Flow++ release file {path}); {detail}"
+    if top >= 2**bits:
+        raise DatasetError(
+            f"{path}: pixel value {top} in the {split} split, but a {bits}-bit file holds values 0..{2**bits - 1}"
+        )
+    return part, 2**bits, f"CelebA {size}x{size}, {bits} bits (Flow++ release file {path}); {detail}"
 
 
 def match_levels(data: ImageSet, num_levels: int, log: Log = None) -> ImageSet:
@@ -466,13 +519,19 @@ def match_levels(data: ImageSet, num_levels: int, log: Log = None) -> ImageSet:
     if data.num_levels == num_levels:
         return data
     bits = num_levels.bit_length() - 1
-    if data.num_levels != 256 or num_levels != 2 ** bits or not 1 <= bits < 8:
-        raise DatasetError(f"{data.name}: the data has {data.num_levels} levels but the model expects {num_levels}; "
-                           "only 8-bit data can be reduced, to 2^n levels (--bits n)")
+    if data.num_levels != 256 or num_levels != 2**bits or not 1 <= bits < 8:
+        raise DatasetError(
+            f"{data.name}: the data has {data.num_levels} levels but the model expects {num_levels}; "
+            "only 8-bit data can be reduced, to 2^n levels (--bits n)"
+        )
     if log is not None:
         log(f"{data.name}: reducing 8-bit pixels to {bits} bits (x >> {8 - bits}) for {num_levels} levels")
-    return ImageSet(images=data.images >> (8 - bits), num_levels=num_levels, name=data.name,
-                    description=f"{data.description}; reduced to {bits} bits (x >> {8 - bits})")
+    return ImageSet(
+        images=data.images >> (8 - bits),
+        num_levels=num_levels,
+        name=data.name,
+        description=f"{data.description}; reduced to {bits} bits (x >> {8 - bits})",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -486,14 +545,21 @@ def _load_digits(split: str) -> tuple:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DatasetError("the 'digits' dataset needs scikit-learn: pip install scikit-learn "
-                           "(or pip install 'flowpp[digits]')") from exc
+        raise DatasetError(
+            "the 'digits' dataset needs scikit-learn: pip install scikit-learn (or pip install 'flowpp[digits]')"
+        ) from exc
     try:
         imgs = np.asarray(load_digits().images)
     except Exception as exc:  # noqa: BLE001 - a broken scikit-learn install
         raise DatasetError(f"digits: scikit-learn could not load its bundled digits ({exc})") from exc
-    if imgs.ndim != 3 or imgs.shape[1:] != (8, 8) or len(imgs) <= _DIGITS_TEST \
-            or not np.all(imgs == np.round(imgs)) or imgs.min() < 0 or imgs.max() > 16:
+    if (
+        imgs.ndim != 3
+        or imgs.shape[1:] != (8, 8)
+        or len(imgs) <= _DIGITS_TEST
+        or not np.all(imgs == np.round(imgs))
+        or imgs.min() < 0
+        or imgs.max() > 16
+    ):
         raise DatasetError(f"digits: unexpected data from scikit-learn (shape {imgs.shape})")
     x = imgs.astype(np.uint8)[..., None]
     n_tv = len(x) - _DIGITS_TEST
@@ -509,16 +575,17 @@ def _load_digits(split: str) -> tuple:
 # user .npz and PNG folders
 # ---------------------------------------------------------------------------
 
+
 def _npz_images(z: NpzReader, path: Path, key: str) -> np.ndarray:
     arr = z.read(key)
     if arr.dtype != np.uint8:
-        raise DatasetError(f"{path}: array {key!r} has dtype {arr.dtype}; it must be uint8 "
-                           "(save it with .astype(np.uint8))")
+        raise DatasetError(
+            f"{path}: array {key!r} has dtype {arr.dtype}; it must be uint8 (save it with .astype(np.uint8))"
+        )
     if arr.ndim == 3:
         arr = arr[..., None]
     if arr.ndim != 4:
-        raise DatasetError(f"{path}: array {key!r} has shape {arr.shape}; expected (N, H, W, C) "
-                           "or (N, H, W)")
+        raise DatasetError(f"{path}: array {key!r} has shape {arr.shape}; expected (N, H, W, C) or (N, H, W)")
     if min(arr.shape) == 0:
         raise DatasetError(f"{path}: array {key!r} is empty (shape {arr.shape})")
     return np.ascontiguousarray(arr)
@@ -530,34 +597,37 @@ def _load_npz(path: Path, split: str) -> tuple:
         if "num_levels" in z:
             nl = z.read("num_levels")
             if nl.size != 1 or nl.dtype.kind not in "iu":
-                raise DatasetError(f"{path}: 'num_levels' must be one integer, found {nl.dtype} "
-                                   f"array of shape {nl.shape}")
+                raise DatasetError(
+                    f"{path}: 'num_levels' must be one integer, found {nl.dtype} array of shape {nl.shape}"
+                )
             num_levels = int(nl.reshape(-1)[0])
             if not 2 <= num_levels <= 256:
                 raise DatasetError(f"{path}: 'num_levels' = {num_levels} is outside 2..256")
-        need = "x_test" if split == "test" else ("x_valid" if split == "valid" and "x_valid" in z
-                                                 else "x_train")
+        need = "x_test" if split == "test" else ("x_valid" if split == "valid" and "x_valid" in z else "x_train")
         if need not in z:
-            raise DatasetError(f"{path}: has no array {need!r} needed for the {split} split "
-                               f"(arrays: {', '.join(z.keys) or 'none'}); expected x_train, "
-                               "x_test and optionally x_valid, uint8 (N, H, W[, C])")
+            raise DatasetError(
+                f"{path}: has no array {need!r} needed for the {split} split "
+                f"(arrays: {', '.join(z.keys) or 'none'}); expected x_train, "
+                "x_test and optionally x_valid, uint8 (N, H, W[, C])"
+            )
         x = _npz_images(z, path, need)
         if need != "x_train" and "x_train" in z:
             ref_shape, _ = z.info("x_train")
             ref = tuple(ref_shape[1:]) + ((1,) if len(ref_shape) == 3 else ())
             if tuple(x.shape[1:]) != ref:
-                raise DatasetError(f"{path}: {need!r} images are {x.shape[1:]} but x_train "
-                                   f"images are {ref}")
+                raise DatasetError(f"{path}: {need!r} images are {x.shape[1:]} but x_train images are {ref}")
         has_valid = "x_valid" in z
     title = f"npz file {path} ({num_levels} levels)"
     if split == "train+valid" and has_valid:
         with NpzReader(path) as z:
             x_valid = _npz_images(z, path, "x_valid")
         if x_valid.shape[1:] != x.shape[1:]:
-            raise DatasetError(f"{path}: 'x_valid' images are {x_valid.shape[1:]} but x_train images are "
-                               f"{x.shape[1:]}")
-        return (np.concatenate([x, x_valid]), num_levels,
-                f"{title}; train+valid = x_train and x_valid ({len(x)} + {len(x_valid)} images)")
+            raise DatasetError(f"{path}: 'x_valid' images are {x_valid.shape[1:]} but x_train images are {x.shape[1:]}")
+        return (
+            np.concatenate([x, x_valid]),
+            num_levels,
+            f"{title}; train+valid = x_train and x_valid ({len(x)} + {len(x_valid)} images)",
+        )
     if need != "x_train" or has_valid:
         return x, num_levels, f"{title}; {split} = {need} ({len(x)} images)"
     n_valid = min(NPZ_MAX_VALID, -(-len(x) // 10))
@@ -583,28 +653,38 @@ def _load_folder(root: Path, split: str, log: Log) -> tuple:
     for f in pool + (valid or []) + (test or []):
         w, h, mode = probe_image(f, f)
         if mode not in ("RGB", "L"):
-            raise DatasetError(f"{f}: image mode {mode!r} ({w}x{h}) is not supported; PNG folders "
-                               "must hold RGB or L (grayscale) images")
+            raise DatasetError(
+                f"{f}: image mode {mode!r} ({w}x{h}) is not supported; PNG folders "
+                "must hold RGB or L (grayscale) images"
+            )
         if ref is None:
             ref = (w, h, mode, f)
         elif (w, h, mode) != ref[:3]:
-            raise DatasetError(f"{f}: image is {w}x{h} {mode} but {ref[3]} is "
-                               f"{ref[0]}x{ref[1]} {ref[2]}; all images must share size and mode")
+            raise DatasetError(
+                f"{f}: image is {w}x{h} {mode} but {ref[3]} is "
+                f"{ref[0]}x{ref[1]} {ref[2]}; all images must share size and mode"
+            )
     if valid is not None:
-        parts = {"train": (pool, f"train = {pool_name} ({len(pool)} images)"),
-                 "valid": (valid, f"valid = {sub['valid']}/ ({len(valid)} images)")}
+        parts = {
+            "train": (pool, f"train = {pool_name} ({len(pool)} images)"),
+            "valid": (valid, f"valid = {sub['valid']}/ ({len(valid)} images)"),
+        }
     else:
         if len(pool) < 2:
-            raise DatasetError(f"{pool_name}: holds {len(pool)} PNG image; need at least 2 to "
-                               "split off a valid set (or add a valid/ subfolder)")
+            raise DatasetError(
+                f"{pool_name}: holds {len(pool)} PNG image; need at least 2 to "
+                "split off a valid set (or add a valid/ subfolder)"
+            )
         n_valid = -(-len(pool) // 10)
         parts = {}
         for s in ("train", "valid"):
             start, stop, detail = _hold_out_range(len(pool), s, n_valid, pool_name)
             parts[s] = (pool[start:stop], detail)
     if valid is not None:
-        parts["train+valid"] = (pool + valid, f"train+valid = {pool_name} and {sub['valid']}/ "
-                                              f"({len(pool)} + {len(valid)} images)")
+        parts["train+valid"] = (
+            pool + valid,
+            f"train+valid = {pool_name} and {sub['valid']}/ ({len(pool)} + {len(valid)} images)",
+        )
     else:
         parts["train+valid"] = (pool, f"train+valid = all {len(pool)} images of {pool_name}")
     if test is not None:
@@ -625,6 +705,7 @@ def _load_folder(root: Path, split: str, log: Log) -> tuple:
 # dispatch
 # ---------------------------------------------------------------------------
 
+
 def _canonical(dataset) -> Optional[str]:
     if not isinstance(dataset, str):
         return None
@@ -633,9 +714,13 @@ def _canonical(dataset) -> Optional[str]:
     return key if key in DATASET_NAMES else None
 
 
-def load_dataset(dataset: Union[str, "os.PathLike[str]"], split: str = "train",
-                 data_dir: Union[str, "os.PathLike[str]", None] = None,
-                 download: bool = True, log: Log = print) -> ImageSet:
+def load_dataset(
+    dataset: Union[str, "os.PathLike[str]"],
+    split: str = "train",
+    data_dir: Union[str, "os.PathLike[str]", None] = None,
+    download: bool = True,
+    log: Log = print,
+) -> ImageSet:
     """Load one split of a dataset as an :class:`ImageSet`.
 
     Args:
@@ -685,14 +770,17 @@ def load_dataset(dataset: Union[str, "os.PathLike[str]"], split: str = "train",
             name, num_levels = path.resolve().name or "images", 256
         elif path.is_file():
             if path.suffix.lower() != ".npz":
-                raise DatasetError(f"{path}: unsupported dataset file; expected an .npz file "
-                                   "(x_train, x_test, optional x_valid) or a folder of PNG images")
+                raise DatasetError(
+                    f"{path}: unsupported dataset file; expected an .npz file "
+                    "(x_train, x_test, optional x_valid) or a folder of PNG images"
+                )
             x, num_levels, desc = _load_npz(path, split)
             name = path.stem
         else:
             raise DatasetError(
                 f"unknown dataset {os.fspath(dataset)!r}: not one of {', '.join(DATASET_NAMES)} "
-                "and no such .npz file or folder")
+                "and no such .npz file or folder"
+            )
     result = ImageSet(images=x, num_levels=num_levels, name=name, description=desc)
     n, h, w, c = result.images.shape
     say(f"{name} {split}: {n} images {h}x{w}x{c}, {result.num_levels} levels; {desc}")

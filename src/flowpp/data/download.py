@@ -80,8 +80,7 @@ def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> int:
             os.fsync(out.fileno())
         digest = h.hexdigest()
         if digest != md5.lower():
-            raise DatasetError(f"checksum mismatch: MD5 of the downloaded data is {digest}, "
-                               f"expected {md5.lower()}")
+            raise DatasetError(f"checksum mismatch: MD5 of the downloaded data is {digest}, expected {md5.lower()}")
         os.replace(tmp, dest)
         return size
     finally:
@@ -93,9 +92,14 @@ def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> int:
             pass
 
 
-def fetch(urls: Sequence[str], dest: os.PathLike, md5: str, *,
-          timeout: float = DEFAULT_TIMEOUT,
-          log: Optional[Callable[[str], object]] = print) -> Path:
+def fetch(
+    urls: Sequence[str],
+    dest: os.PathLike,
+    md5: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    log: Optional[Callable[[str], object]] = print,
+) -> Path:
     """Download `dest` from the first of `urls` that yields the right file.
 
     `urls` are complete file URLs tried in order (mirrors); each attempt must
@@ -131,5 +135,7 @@ def fetch(urls: Sequence[str], dest: os.PathLike, md5: str, *,
                 log(f"downloaded {dest.name} ({size / 1e6:.1f} MB, MD5 verified)")
             return dest
     raise DatasetError(
-        f"{dest}: download failed; nothing was saved.\n  " + "\n  ".join(failures)
-        + f"\nDownload {dest.name} (MD5 {md5}) yourself and place it at {dest}.")
+        f"{dest}: download failed; nothing was saved.\n  "
+        + "\n  ".join(failures)
+        + f"\nDownload {dest.name} (MD5 {md5}) yourself and place it at {dest}."
+    )

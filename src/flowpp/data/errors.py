@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ..errors import FlowppError
+
 __all__ = ["DatasetError"]
 
 
-class DatasetError(ValueError):
+class DatasetError(FlowppError, ValueError):
     """A dataset could not be found, fetched, or read.
 
     Every refusal of :mod:`flowpp.data` is a ``DatasetError``: missing files,

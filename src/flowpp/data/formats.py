@@ -107,8 +107,10 @@ def check_tar_member(member: tarfile.TarInfo, archive: PathLike) -> None:
     if member.issym() or member.islnk():
         raise _fail(archive, f"refusing tar member {name!r}: it is a link (to {member.linkname!r})")
     if not (member.isreg() or member.isdir()):
-        raise _fail(archive, f"refusing tar member {name!r}: not a regular file or directory "
-                             "(device, FIFO or other special file)")
+        raise _fail(
+            archive,
+            f"refusing tar member {name!r}: not a regular file or directory (device, FIFO or other special file)",
+        )
 
 
 class _CheckedTarInfo(tarfile.TarInfo):
@@ -124,8 +126,7 @@ class _CheckedTarInfo(tarfile.TarInfo):
     def fromtarfile(cls, tarfile_obj):
         try:
             return super().fromtarfile(tarfile_obj)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError,
-                tarfile.EmptyHeaderError) as exc:
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError) as exc:
             tarfile_obj._flowpp_stop = (tarfile_obj.offset, exc)
             raise
 
@@ -141,12 +142,19 @@ def _check_tar_end(tar: tarfile.TarFile, path: PathLike) -> None:
         what = "it ends inside a member header (truncated)"
     else:
         what = "a member header is corrupted (bad checksum)"
-    raise _fail(path, f"cannot read the tar archive: {what} at byte {offset}; "
-                      "delete it and fetch it again")
+    raise _fail(path, f"cannot read the tar archive: {what} at byte {offset}; delete it and fetch it again")
 
 
-_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError,
-               UnicodeError, MemoryError, __import__("zlib").error)
+_TAR_ERRORS = (
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    ValueError,
+    OverflowError,
+    UnicodeError,
+    MemoryError,
+    __import__("zlib").error,
+)
 
 
 def read_tar_stream(path: PathLike, wanted: Collection[str], max_member_bytes: int) -> dict:
@@ -171,20 +179,23 @@ def read_tar_stream(path: PathLike, wanted: Collection[str], max_member_bytes: i
                 if key in found:
                     raise _fail(path, f"tar member {member.name!r} appears twice")
                 if member.size > max_member_bytes:
-                    raise _fail(path, f"tar member {member.name!r} is {member.size} bytes, "
-                                      f"more than the {max_member_bytes} expected at most")
+                    raise _fail(
+                        path,
+                        f"tar member {member.name!r} is {member.size} bytes, "
+                        f"more than the {max_member_bytes} expected at most",
+                    )
                 fobj = tar.extractfile(member)
                 data = fobj.read() if fobj is not None else b""
                 if len(data) != member.size:
-                    raise _fail(path, f"tar member {member.name!r} is truncated "
-                                      f"({len(data)} of {member.size} bytes)")
+                    raise _fail(path, f"tar member {member.name!r} is truncated ({len(data)} of {member.size} bytes)")
                 found[key] = data
             _check_tar_end(tar, path)
     except DatasetError:
         raise
     except _TAR_ERRORS as exc:
-        raise _fail(path, "cannot read the tar archive: it is truncated or corrupted; "
-                          "delete it and fetch it again", exc) from exc
+        raise _fail(
+            path, "cannot read the tar archive: it is truncated or corrupted; delete it and fetch it again", exc
+        ) from exc
     return found
 
 
@@ -222,16 +233,17 @@ class SafeTar:
         """Return the bytes of regular-file member `key` (at most `max_bytes`)."""
         member = self.files[key]
         if member.size > max_bytes:
-            raise _fail(self.path, f"tar member {member.name!r} is {member.size} bytes, "
-                                   f"more than the {max_bytes} expected at most")
+            raise _fail(
+                self.path,
+                f"tar member {member.name!r} is {member.size} bytes, more than the {max_bytes} expected at most",
+            )
         try:
             fobj = self._tar.extractfile(member)
             data = fobj.read() if fobj is not None else b""
         except _TAR_ERRORS as exc:
             raise _fail(self.path, f"cannot read tar member {member.name!r}", exc) from exc
         if len(data) != member.size:
-            raise _fail(self.path, f"tar member {member.name!r} is truncated "
-                                   f"({len(data)} of {member.size} bytes)")
+            raise _fail(self.path, f"tar member {member.name!r} is truncated ({len(data)} of {member.size} bytes)")
         return data
 
     def close(self) -> None:
@@ -297,9 +309,17 @@ class _PickledDtype:
         self.dtype = np.dtype(spec)
 
     def __setstate__(self, state):
-        ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
-              and state[2] is None and state[3] is None and state[4] is None
-              and state[5] == -1 and state[6] == -1 and isinstance(state[7], int))
+        ok = (
+            isinstance(state, tuple)
+            and len(state) == 8
+            and state[0] == 3
+            and state[2] is None
+            and state[3] is None
+            and state[4] is None
+            and state[5] == -1
+            and state[6] == -1
+            and isinstance(state[7], int)
+        )
         order = _text(state[1]) if ok else None
         if not ok or order not in ("|", "<", ">", "="):
             raise pickle.UnpicklingError("unexpected numpy dtype state")
@@ -321,16 +341,23 @@ class _PickledArray:
         if not (isinstance(state, tuple) and len(state) == 4):
             raise pickle.UnpicklingError("unexpected numpy array state")
         shape, dtype, fortran, raw = state
-        if not (isinstance(shape, tuple) and len(shape) <= 8
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (
+            isinstance(shape, tuple)
+            and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise pickle.UnpicklingError(f"bad array shape {shape!r}")
-        if not isinstance(dtype, _PickledDtype) or not isinstance(fortran, (bool, int)) \
-                or not isinstance(raw, (bytes, bytearray)):
+        if (
+            not isinstance(dtype, _PickledDtype)
+            or not isinstance(fortran, (bool, int))
+            or not isinstance(raw, (bytes, bytearray))
+        ):
             raise pickle.UnpicklingError("unexpected numpy array state")
         dt = dtype.dtype
         if len(raw) != math.prod(shape) * dt.itemsize:
-            raise pickle.UnpicklingError(f"array data is {len(raw)} bytes, shape {shape} of {dt} "
-                                         f"needs {math.prod(shape) * dt.itemsize}")
+            raise pickle.UnpicklingError(
+                f"array data is {len(raw)} bytes, shape {shape} of {dt} needs {math.prod(shape) * dt.itemsize}"
+            )
         self.array = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C")
 
 
@@ -370,7 +397,8 @@ class _BatchUnpickler(pickle.Unpickler):
         except (KeyError, TypeError):
             raise pickle.UnpicklingError(
                 f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only "
-                "dicts, lists, strings, numbers and numpy arrays") from None
+                "dicts, lists, strings, numbers and numpy arrays"
+            ) from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refusing persistent id in pickle")
@@ -396,14 +424,14 @@ class _BoundedReader:
             n = left
         if n > left:
             raise pickle.UnpicklingError(f"pickle data was truncated (wants {n} bytes, {left} left)")
-        chunk = self._data[self._pos:self._pos + n]
+        chunk = self._data[self._pos : self._pos + n]
         self._pos += n
         return chunk
 
     def readline(self) -> bytes:
         end = self._data.find(b"\n", self._pos)
         end = len(self._data) if end < 0 else end + 1
-        chunk = self._data[self._pos:end]
+        chunk = self._data[self._pos : end]
         self._pos = end
         return chunk
 
@@ -411,8 +439,18 @@ class _BoundedReader:
 # Opcodes a CIFAR-10 batch (or a Python-3 re-pickle of one at protocols 2-4)
 # never contains: out-of-band buffers and bytearrays (protocol 5), persistent
 # ids, the extension registry and the INST/OBJ class-instantiation forms.
-_FORBIDDEN_OPCODES = {"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID",
-                      "EXT1", "EXT2", "EXT4", "INST", "OBJ"}
+_FORBIDDEN_OPCODES = {
+    "BYTEARRAY8",
+    "NEXT_BUFFER",
+    "READONLY_BUFFER",
+    "PERSID",
+    "BINPERSID",
+    "EXT1",
+    "EXT2",
+    "EXT4",
+    "INST",
+    "OBJ",
+}
 
 
 def _prescan_pickle(data: bytes) -> None:
@@ -465,8 +503,7 @@ def cifar_batch_images(data: bytes, source: PathLike) -> np.ndarray:
             raise _fail(source, "'data' is an incomplete numpy array pickle")
         arr = arr.array
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != 3072:
-        desc = (f"{arr.dtype} array of shape {arr.shape}" if isinstance(arr, np.ndarray)
-                else type(arr).__name__)
+        desc = f"{arr.dtype} array of shape {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
         raise _fail(source, f"'data' must be a uint8 array of shape (n, 3072), found {desc}")
     if arr.shape[0] == 0:
         raise _fail(source, "'data' holds no images")
@@ -477,6 +514,7 @@ def cifar_batch_images(data: bytes, source: PathLike) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # gzip and IDX
 # ---------------------------------------------------------------------------
+
 
 def read_gzip(path: PathLike, max_bytes: int) -> bytes:
     """Return the decompressed contents of gzip file `path`.
@@ -496,16 +534,16 @@ def read_gzip(path: PathLike, max_bytes: int) -> bytes:
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001 - OSError, EOFError, zlib.error, ...
-        raise _fail(path, "cannot decompress: not a gzip file, truncated or corrupted; "
-                          "delete it and fetch it again", exc) from exc
+        raise _fail(
+            path, "cannot decompress: not a gzip file, truncated or corrupted; delete it and fetch it again", exc
+        ) from exc
     return data
 
 
 _IDX_UBYTE_3D = 0x00000803
 
 
-def parse_idx_images(data: bytes, source: PathLike,
-                     expect_hw: Optional[tuple] = None) -> np.ndarray:
+def parse_idx_images(data: bytes, source: PathLike, expect_hw: Optional[tuple] = None) -> np.ndarray:
     """Parse an IDX3 unsigned-byte image file (the MNIST format).
 
     Layout: big-endian uint32 magic ``0x00000803`` (two zero bytes, type 0x08 =
@@ -514,24 +552,28 @@ def parse_idx_images(data: bytes, source: PathLike,
     """
     if len(data) < 16:
         raise _fail(source, f"too short for an IDX header ({len(data)} bytes)")
-    magic, n, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in range(0, 16, 4))
+    magic, n, rows, cols = (int.from_bytes(data[i : i + 4], "big") for i in range(0, 16, 4))
     if magic != _IDX_UBYTE_3D:
-        raise _fail(source, f"bad IDX magic number 0x{magic:08x}; expected 0x{_IDX_UBYTE_3D:08x} "
-                            "(unsigned-byte 3-D image file)")
+        raise _fail(
+            source, f"bad IDX magic number 0x{magic:08x}; expected 0x{_IDX_UBYTE_3D:08x} (unsigned-byte 3-D image file)"
+        )
     if n == 0 or rows == 0 or cols == 0:
         raise _fail(source, f"IDX header declares an empty array ({n} x {rows} x {cols})")
     if expect_hw is not None and (rows, cols) != tuple(expect_hw):
         raise _fail(source, f"images are {rows}x{cols}, expected {expect_hw[0]}x{expect_hw[1]}")
     expected = 16 + n * rows * cols
     if len(data) != expected:
-        raise _fail(source, f"IDX header declares {n} images of {rows}x{cols} ({expected} bytes) "
-                            f"but the file holds {len(data)} bytes")
+        raise _fail(
+            source,
+            f"IDX header declares {n} images of {rows}x{cols} ({expected} bytes) but the file holds {len(data)} bytes",
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, rows, cols, 1).copy()
 
 
 # ---------------------------------------------------------------------------
 # npz (zip of .npy), read without pickle
 # ---------------------------------------------------------------------------
+
 
 class NpzReader:
     """Read arrays from an ``.npz`` without unpickling and without trusting it.
@@ -595,13 +637,18 @@ class NpzReader:
             with self._zip.open(info) as fp:
                 shape, fortran, dtype = self._header(fp, key)
                 if dtype.hasobject:
-                    raise _fail(source, "holds Python objects (object dtype); refusing to unpickle. "
-                                        "Save plain numeric arrays (np.savez with uint8 arrays)")
+                    raise _fail(
+                        source,
+                        "holds Python objects (object dtype); refusing to unpickle. "
+                        "Save plain numeric arrays (np.savez with uint8 arrays)",
+                    )
                 count = math.prod(shape)
                 nbytes = count * dtype.itemsize
                 if nbytes > info.file_size or nbytes > MAX_NPY_BYTES:
-                    raise _fail(source, f"header declares {shape} {dtype} ({nbytes} bytes) "
-                                        f"but the member holds {info.file_size} bytes")
+                    raise _fail(
+                        source,
+                        f"header declares {shape} {dtype} ({nbytes} bytes) but the member holds {info.file_size} bytes",
+                    )
                 if not read:
                     return shape, fortran, dtype, None
                 # Fill the array in place (no second copy of the data).
@@ -612,7 +659,7 @@ class NpzReader:
                     chunk = fp.read(min(_CHUNK, nbytes - pos))
                     if not chunk:
                         raise _fail(source, f"array data is truncated ({pos} of {nbytes} bytes)")
-                    view[pos:pos + len(chunk)] = chunk
+                    view[pos : pos + len(chunk)] = chunk
                     pos += len(chunk)
                 # Read to the end so that zipfile checks the member's CRC.
                 while fp.read(_CHUNK):
@@ -643,13 +690,14 @@ class NpzReader:
 # PNG / JPEG through Pillow
 # ---------------------------------------------------------------------------
 
+
 def _pil():
     from PIL import Image
+
     return Image
 
 
-def probe_image(src: Union[PathLike, bytes], source: PathLike,
-                formats: Sequence[str] = ("PNG",)) -> tuple:
+def probe_image(src: Union[PathLike, bytes], source: PathLike, formats: Sequence[str] = ("PNG",)) -> tuple:
     """Return ``(width, height, mode)`` of an image from its header only."""
     Image = _pil()
     try:
@@ -663,11 +711,15 @@ def probe_image(src: Union[PathLike, bytes], source: PathLike,
         raise _fail(source, f"cannot read as {names} image: not an image or corrupted", exc) from exc
 
 
-def decode_image(src: Union[PathLike, bytes], source: PathLike, *,
-                 formats: Sequence[str] = ("PNG",),
-                 modes: Collection[str] = ("L", "RGB"),
-                 expect_size: Optional[tuple] = None,
-                 gray_to_rgb: bool = False) -> np.ndarray:
+def decode_image(
+    src: Union[PathLike, bytes],
+    source: PathLike,
+    *,
+    formats: Sequence[str] = ("PNG",),
+    modes: Collection[str] = ("L", "RGB"),
+    expect_size: Optional[tuple] = None,
+    gray_to_rgb: bool = False,
+) -> np.ndarray:
     """Decode one image to ``(H, W, C)`` uint8 (C = 1 for mode L, 3 for RGB).
 
     `src` is a path or the file's bytes; `source` names it in errors.  Only
@@ -688,9 +740,12 @@ def decode_image(src: Union[PathLike, bytes], source: PathLike, *,
                 if w * h > MAX_IMAGE_PIXELS or w <= 0 or h <= 0:
                     raise _fail(source, f"image size {w}x{h} is out of range")
                 if im.mode not in modes:
-                    raise _fail(source, f"image mode {im.mode!r} is not supported (expected "
-                                        f"{' or '.join(sorted(modes))}); convert it first, "
-                                        "e.g. PIL Image.convert('RGB')")
+                    raise _fail(
+                        source,
+                        f"image mode {im.mode!r} is not supported (expected "
+                        f"{' or '.join(sorted(modes))}); convert it first, "
+                        "e.g. PIL Image.convert('RGB')",
+                    )
                 im.load()
                 arr = np.asarray(im, dtype=np.uint8)
                 mode = im.mode
@@ -698,8 +753,7 @@ def decode_image(src: Union[PathLike, bytes], source: PathLike, *,
         raise
     except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, zlib.error, ...
         names = "/".join(formats)
-        raise _fail(source, f"cannot decode as {names} image: not an image, truncated or corrupted",
-                    exc) from exc
+        raise _fail(source, f"cannot decode as {names} image: not an image, truncated or corrupted", exc) from exc
     if mode == "L":
         arr = arr[:, :, None]
         if gray_to_rgb:
@@ -740,22 +794,27 @@ def read_images(paths: Iterable[PathLike], log: Optional[Callable[[str], object]
                         chosen = key
                         break
                 if chosen is None:
-                    raise DatasetError(f"{path}: has no uint8 array of shape (N,H,W,C) or (N,H,W) "
-                                       f"(arrays: {', '.join(npz.keys) or 'none'})")
+                    raise DatasetError(
+                        f"{path}: has no uint8 array of shape (N,H,W,C) or (N,H,W) "
+                        f"(arrays: {', '.join(npz.keys) or 'none'})"
+                    )
                 arr = npz.read(chosen)
             if arr.ndim == 3:
                 arr = arr[..., None]
             arr = np.ascontiguousarray(arr)
             out.extend((f"{path.name}[{i}]", arr[i]) for i in range(arr.shape[0]))
             if log is not None:
-                log(f"read {arr.shape[0]} images {arr.shape[1]}x{arr.shape[2]}x{arr.shape[3]} "
-                    f"from {path} (array {chosen!r})")
+                log(
+                    f"read {arr.shape[0]} images {arr.shape[1]}x{arr.shape[2]}x{arr.shape[3]} "
+                    f"from {path} (array {chosen!r})"
+                )
         elif suffix in _IMAGE_SUFFIXES:
             arr = decode_image(path, path, formats=("PNG", "JPEG"))
             out.append((path.name, arr))
             if log is not None:
                 log(f"read {path} ({arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]})")
         else:
-            raise DatasetError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
-                               "expected .png, .jpg, .jpeg or .npz")
+            raise DatasetError(
+                f"{path}: unsupported file type {suffix or '(none)'!r}; expected .png, .jpg, .jpeg or .npz"
+            )
     return out

@@ -5,18 +5,26 @@ Direction convention: ``forward`` maps data to latent (the density direction) an
 returns ``(x, logdet)`` with log|det dx/dy|. Values passed between layers are a tensor or, after
 a split, a pair ``(a, b)`` of tensors.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 Value = Union[Tensor, Tuple[Tensor, Tensor]]
 
-__all__ = ["Flow", "Sequential", "Inverse", "Value", "batch_size_of", "zero_logdet", "sum_except_batch",
-           "standard_normal_log_prob"]
+__all__ = [
+    "Flow",
+    "Sequential",
+    "Inverse",
+    "Value",
+    "batch_size_of",
+    "zero_logdet",
+    "sum_except_batch",
+    "standard_normal_log_prob",
+]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -3,6 +3,7 @@
 A coupling takes a pair (x_c, x_e): x_c passes unchanged and conditions the elementwise
 transform of x_e through a conditioner network (optionally with an external context).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ class MixtureLogisticCoupling(Flow):
     ImageNet models) while the conditioner stays in the model's dtype.
     """
 
-    def __init__(self, conditioner: nn.Module, channels: int, components: int,
-                 mixture_dtype: torch.dtype | None = None):
+    def __init__(
+        self, conditioner: nn.Module, channels: int, components: int, mixture_dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.conditioner = conditioner
         self.channels = channels
@@ -45,7 +47,7 @@ class MixtureLogisticCoupling(Flow):
         s = torch.tanh(p[:, :, 0])
         t = p[:, :, 1]
         mix = p[:, :, 2:].movedim(2, -1)  # (B, C, H, W, 3K)
-        logits, means, log_scales = mix[..., :k], mix[..., k:2 * k], mix[..., 2 * k:]
+        logits, means, log_scales = mix[..., :k], mix[..., k : 2 * k], mix[..., 2 * k :]
         return s, t, logits, means, log_scales.clamp_min(MIN_LOG_SCALE)
 
     def forward(self, x, context=None):

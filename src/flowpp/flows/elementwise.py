@@ -1,4 +1,5 @@
 """Fixed elementwise bijections: the logit pre-processing of L-level data and the sigmoid."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Per-element affine normalisation and the per-half invertible 1x1 ("Pointwise") layer."""
+
 from __future__ import annotations
 
 import torch

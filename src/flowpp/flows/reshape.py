@@ -2,6 +2,7 @@
 
 Tensors are NCHW. Each layer here has log|det| = 0. A split is closed by ``Inverse(split)``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,0 +1,262 @@
+"""What each command does, as functions of plain arguments: ``flowpp.cli`` parses the command
+line and calls one of these; tests and scripts can call them directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import distributed as D
+from .atomic import write_json, write_npz
+from .configs import FlowConfig, get_config, list_configs
+from .data import DATASET_NAMES, load_dataset, match_levels
+from .errors import UsageError
+from .evaluate import evaluate_bpd
+from .images import save_grid, to_nchw, to_nhwc
+from .model import FlowPlusPlus, count_parameters
+from .runs import RunDir
+from .train import TrainSettings, train
+
+__all__ = [
+    "PAPER_EVAL_SAMPLES",
+    "resolve_train_config",
+    "train_job",
+    "eval_job",
+    "sample_job",
+    "score_job",
+    "export_job",
+    "configs_job",
+]
+
+PAPER_EVAL_SAMPLES = 4096  # the official protocol: importance-weighted bound, S = 4096, test set
+
+
+def resolve_train_config(
+    config: str | None,
+    *,
+    out: str,
+    resume: bool,
+    overrides: Sequence[tuple[str, Any]] = (),
+    batch_size: int | None = None,
+    lr: float | None = None,
+    bits: int | None = None,
+) -> FlowConfig:
+    """The named config (or, resuming without one, the run's), with the command line's changes."""
+    if config is None and not resume:
+        raise UsageError("--config is required (see `flowpp configs`)")
+    base = RunDir(out).read_config() if config is None else get_config(config)
+    changes = dict(overrides)
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if lr is not None:
+        changes["lr"] = lr
+    resolved = base.with_changes(changes)
+    if bits is not None:
+        levels = 2**bits
+        if resolved.num_levels not in (256, levels):
+            raise UsageError(
+                f"--bits {bits} asks for {levels} levels, but config {resolved.name!r} models {resolved.num_levels}"
+            )
+        resolved = resolved.replace(num_levels=levels)
+    return resolved
+
+
+def _default_dataset(config: FlowConfig) -> str | None:
+    for name in (config.name, config.name.split("-")[0]):
+        if name in DATASET_NAMES:
+            return name
+    return None
+
+
+def train_job(
+    config: FlowConfig,
+    settings: TrainSettings,
+    *,
+    data: str | None,
+    data_dir: str | None = None,
+    download: bool = True,
+    resume: bool = False,
+    dry_run: bool = False,
+) -> dict:
+    """Train into ``settings.out_dir``. Resuming, the dataset and validation split default to the run's."""
+    saved = RunDir(settings.out_dir).read_settings() if resume else {}
+    data = data or saved.get("dataset") or _default_dataset(config)
+    if data is None:
+        raise UsageError(f"--data is required for config {config.name!r}")
+    valid_split = settings.valid_split or saved.get("valid_split") or "valid"
+    # Validating on the test set leaves nothing to hold out: train on train and valid together.
+    settings = dataclasses.replace(
+        settings,
+        dataset=str(data),
+        valid_split=valid_split,
+        train_split="train+valid" if valid_split == "test" else "train",
+    )
+    if dry_run:
+        resolved = {"config": config.to_dict(), "settings": dataclasses.asdict(settings)}
+        print(json.dumps(resolved, indent=2, default=str))
+        return resolved
+    if settings.max_steps is None and settings.max_minutes is None:
+        raise UsageError("give --max-steps and/or --max-minutes")
+    train_set = match_levels(
+        load_dataset(data, settings.train_split, data_dir=data_dir, download=download), config.num_levels, log=print
+    )
+    valid_set = match_levels(load_dataset(data, valid_split, data_dir=data_dir, download=download), config.num_levels)
+    print(
+        f"data: {train_set.description}: {len(train_set):,} {settings.train_split} / {len(valid_set):,} "
+        f"{valid_split} images"
+    )
+    settings = dataclasses.replace(settings, dataset_description=train_set.description)
+    try:
+        summary = train(
+            config, settings, train_set.images, valid_set.images, num_levels=train_set.num_levels, resume=resume
+        )
+    finally:
+        D.shutdown_distributed()
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _load(run: str, device: str, compile: bool, log=None) -> tuple[FlowPlusPlus, dict, torch.device]:
+    dev = D.resolve_device(device)
+    model, info = RunDir(run).load_model(dev, log=log)
+    if compile:
+        model.compile_networks()
+    return model, info, dev
+
+
+def eval_job(
+    *,
+    run: str,
+    data: str,
+    split: str = "test",
+    samples: int = 1,
+    batch_size: int = 64,
+    limit: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    compile: bool = False,
+    out: str | None = None,
+    data_dir: str | None = None,
+    download: bool = True,
+) -> dict:
+    """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned."""
+    model, info, _ = _load(run, device, compile, log=print)
+    ds = match_levels(
+        load_dataset(data, split, data_dir=data_dir, download=download), model.config.num_levels, log=print
+    )
+    if model.config.official and samples < PAPER_EVAL_SAMPLES:
+        print(
+            f"note: the paper reports the importance-weighted bound with S = {PAPER_EVAL_SAMPLES} on the test "
+            f"set; this is S = {samples}. For the paper's protocol: flowpp eval --run {run} --data {data} "
+            f"--split test --samples {PAPER_EVAL_SAMPLES}"
+        )
+    x = to_nchw(ds.images[:limit] if limit else ds.images)
+    model.config.check_data(x.shape[1:], ds.num_levels, split)
+    from tqdm import tqdm
+
+    with tqdm(total=len(x), unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        res = evaluate_bpd(model, x, samples=samples, batch_size=batch_size, seed=seed, progress=bar.update)
+    res.update(
+        run=str(run),
+        checkpoint=info["checkpoint"],
+        step=info["step"],
+        weights="ema",
+        data=str(data),
+        data_description=ds.description,
+        split=split,
+        config=model.config.name,
+    )
+    path = Path(out) if out else RunDir(run).eval_file(data, split, samples)
+    write_json(path, res)
+    line = f"{res['n_images']} images: {res['bpd']:.4f} +- {res['bpd_se']:.4f} bits/dim (single sample)"
+    if "iw_bpd" in res:
+        line += f", {res['iw_bpd']:.4f} +- {res['iw_bpd_se']:.4f} (importance-weighted, S={samples})"
+    print(line)
+    print(f"wrote {path}")
+    return res
+
+
+def sample_job(
+    *,
+    run: str,
+    num: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    out: str = "samples.png",
+    npz: str | None = None,
+    scale: int = 1,
+    batch_size: int = 64,
+    device: str = "auto",
+    compile: bool = False,
+) -> torch.Tensor:
+    """Samples of a run's EMA weights as a PNG grid (and optionally an .npz); returns them."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {temperature}")
+    model, info, dev = _load(run, device, compile)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    samples = torch.cat(
+        [
+            model.sample(min(batch_size, num - i), temperature=temperature, generator=gen).cpu()
+            for i in range(0, num, batch_size)
+        ]
+    )
+    w, h = save_grid(samples, model.config.num_levels, out, scale=scale)
+    print(f"wrote {out} ({num} samples, {w}x{h} px) from {info['checkpoint']}")
+    if npz:
+        write_npz(npz, x=to_nhwc(samples), num_levels=np.int64(model.config.num_levels))
+        print(f"wrote {npz}")
+    return samples
+
+
+def score_job(
+    *,
+    run: str,
+    images: Sequence[str],
+    samples: int = 16,
+    seed: int = 0,
+    device: str = "auto",
+    compile: bool = False,
+    as_json: bool = False,
+) -> list[dict]:
+    """Bits/dim of each image file under a run's EMA weights, printed as a table or JSON."""
+    from .score import score_files
+
+    model, info, _ = _load(run, device, compile)
+    rows = score_files(model, list(images), samples=samples, seed=seed)
+    if as_json:
+        print(
+            json.dumps(
+                {"run": str(run), "checkpoint": info["checkpoint"], "samples": samples, "scores": rows}, indent=2
+            )
+        )
+    else:
+        width = max([len(r["image"]) for r in rows] + [5])
+        print(f"{'image':<{width}}  bits/dim")
+        for r in rows:
+            print(f"{r['image']:<{width}}  {r['bpd']:.4f}")
+    return rows
+
+
+def export_job(*, run: str, out: str, weights: str = "ema") -> Path:
+    from .export import export_safetensors
+
+    path, n = export_safetensors(run, out, weights=weights)
+    print(f"wrote {path} ({n} tensors)")
+    return path
+
+
+def configs_job(name: str | None = None) -> None:
+    if name:
+        print(json.dumps(get_config(name).to_dict(), indent=2))
+        return
+    for key in list_configs():
+        cfg = get_config(key)
+        c, h, w = cfg.image_shape
+        print(f"{key:<26} {c}x{h}x{w}  L={cfg.num_levels:<4} {count_parameters(cfg):>13,} parameters  {cfg.notes}")

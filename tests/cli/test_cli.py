@@ -1,0 +1,61 @@
+"""The command line itself: shared options, one-line errors for users' mistakes, tracebacks for bugs."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flowpp import jobs
+from flowpp.cli import build_parser, main
+from flowpp.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "command, extra",
+    [
+        ("train", ["--out", "r"]),
+        ("eval", ["--run", "r", "--data", "d"]),
+        ("sample", ["--run", "r"]),
+        ("score", ["--run", "r", "a.png"]),
+    ],
+)
+def test_shared_options_mean_the_same_everywhere(command, extra):
+    args = build_parser().parse_args([command, *extra, "--device", "cpu", "--threads", "1", "--seed", "7"])
+    assert (args.device, args.threads, args.seed) == ("cpu", 1, 7)
+
+
+def test_train_defaults_come_from_the_settings():
+    from flowpp.train import TrainSettings
+
+    args = build_parser().parse_args(["train", "--out", "r"])
+    for name in ("eval_images", "checkpoint_minutes", "keep_checkpoints", "max_bad_steps", "log_every", "progress"):
+        assert getattr(args, name) == TrainSettings.default(name), name
+
+
+def test_a_users_mistake_is_one_line(capsys, monkeypatch):
+    def bad(**_):
+        raise ConfigError("config 'x': filters must be positive")
+
+    monkeypatch.setattr(jobs, "configs_job", bad)
+    assert main(["configs"]) == 2
+    assert capsys.readouterr().err == "flowpp: error: config 'x': filters must be positive\n"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def buggy(**_):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(jobs, "configs_job", buggy)
+    with pytest.raises(ValueError, match="invariant"):
+        main(["configs"])
+
+
+def test_the_readme_library_example_runs():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## The library\s+```python\n(.*?)```", readme, re.S)
+    assert block, "README has no library example"
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)  # noqa: S102 - the project's own README
+    assert scope["log_p"].shape == scope["bpd"].shape == (scope["x"].shape[0],)
+    assert scope["samples"].shape[1:] == (3, 32, 32)
+    assert (scope["y"] - (scope["x"] + 0.5)).abs().max() < 1e-2

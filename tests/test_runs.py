@@ -1,0 +1,57 @@
+"""The run directory: its layout, creation rules and reading a run back."""
+
+import pytest
+
+import flowpp
+from flowpp.checkpoint import CheckpointError
+from flowpp.errors import FlowppError, RunError
+from flowpp.runs import RunDir
+
+
+def test_layout_is_known_in_one_place(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.sample_grid(12) == tmp_path / "r" / "samples" / "step-00000012.png"
+    assert run.eval_file("cifar10", "test", 4096).name == "eval-cifar10-test-S4096.json"
+    assert run.eval_file("data/my.set.npz", "valid", 1).name == "eval-my.set-valid-S1.json"
+    assert run.checkpoints == tmp_path / "r" / "checkpoints"
+
+
+def test_create_refuses_a_run_with_checkpoints_unless_resuming(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create(resume=False)
+    assert run.samples.is_dir()
+    run.save_checkpoint(3, {"config": {}, "model": {}}, keep=2)
+    (run.checkpoints / ".checkpoint-00000004.pt.x.tmp").write_text("half")
+    with pytest.raises(RunError, match="already holds checkpoints.*--resume"):
+        run.create(resume=False)
+    run.create(resume=True)
+    assert not list(run.checkpoints.glob("*.tmp"))  # an interrupted write is cleared on resume
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RunError, match="cannot create run directory"):
+        RunDir(blocker / "r").create(resume=False)
+
+
+def test_checkpoint_rotation_keeps_the_newest(tmp_path):
+    run = RunDir(tmp_path)
+    for step in range(1, 5):
+        run.save_checkpoint(step, {"config": {}, "model": {}}, keep=2)
+    assert sorted(p.name for p in run.checkpoints.glob("*.pt")) == ["checkpoint-00000003.pt", "checkpoint-00000004.pt"]
+    assert run.latest_checkpoint()[0].name == "checkpoint-00000004.pt"
+
+
+def test_config_settings_and_errors(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(RunError, match="not a flowpp run directory"):
+        run.read_config()
+    assert run.read_settings() == {}
+    run.write_config(flowpp.get_config("tiny"))
+    assert run.read_config() == flowpp.get_config("tiny")
+    run.config_file.write_text('{"name": "tiny", "filterz": 1}')
+    with pytest.raises(RunError, match="not a valid flowpp config"):
+        run.read_config()
+    with pytest.raises(RunError, match="does not exist"):
+        RunDir(tmp_path / "missing").load_model()
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        run.load_model()
+    assert issubclass(RunError, FlowppError) and issubclass(CheckpointError, FlowppError)
