@@ -238,275 +238,119 @@ def list_configs() -> list[str]:
     return sorted(_CONFIGS)
 
 
+# fmt: off
 # --- The paper's models (official parameter counts in the notes; tests check them) --------------
 
-CIFAR10 = register_config(
-    FlowConfig(
-        name="cifar10",
-        image_shape=(3, 32, 32),
-        layout=("stripe x4", "squeeze", "channel x2", "stripe x3"),
-        filters=96,
-        blocks=10,
-        components=32,
-        dropout=0.2,
-        pointwise=True,
-        dequant_layout=("stripe x4",),
-        dequant_filters=96,
-        dequant_blocks=2,
-        dequant_components=32,
-        context_blocks=3,
-        context_mixer="none",
-        context_layer_norm=False,
-        batch_size=64,
-        init_batch_size=128,
-        lr=3e-4,
-        warmup_steps=2000,
-        ema_decay=0.999,
-        official=True,
-        notes="official CIFAR-10 model, 31,443,440 parameters; 3.08 bits/dim (IW, S=4096)",
-    )
-)
+CIFAR10 = register_config(FlowConfig(
+    name="cifar10", image_shape=(3, 32, 32),
+    layout=("stripe x4", "squeeze", "channel x2", "stripe x3"),
+    filters=96, blocks=10, components=32, dropout=0.2, pointwise=True,
+    dequant_layout=("stripe x4",), dequant_filters=96, dequant_blocks=2, dequant_components=32,
+    context_blocks=3, context_mixer="none", context_layer_norm=False,
+    batch_size=64, init_batch_size=128, lr=3e-4, warmup_steps=2000, ema_decay=0.999, official=True,
+    notes="official CIFAR-10 model, 31,443,440 parameters; 3.08 bits/dim (IW, S=4096)",
+))
 
-register_config(
-    CIFAR10.replace(
-        name="cifar10-uniform-dequant",
-        filters=104,
-        dequantizer="uniform",
-        notes="ablation: uniform dequantization, conditioner widened to 104 filters (32,324,408 parameters)",
-    )
-)
-register_config(
-    CIFAR10.replace(
-        name="cifar10-affine",
-        filters=108,
-        dequant_filters=108,
-        coupling="affine",
-        notes="ablation: affine couplings instead of mixture CDF, 108 filters (32,045,708 parameters)",
-    )
-)
-register_config(
-    CIFAR10.replace(
-        name="cifar10-no-attention",
-        mixer="pointwise",
-        dequant_mixer="pointwise",
-        notes="ablation: a same-size pointwise gated layer instead of attention (31,443,440 parameters)",
-    )
-)
+register_config(CIFAR10.replace(
+    name="cifar10-uniform-dequant", filters=104, dequantizer="uniform",
+    notes="ablation: uniform dequantization, conditioner widened to 104 filters (32,324,408 parameters)",
+))
+register_config(CIFAR10.replace(
+    name="cifar10-affine", filters=108, dequant_filters=108, coupling="affine",
+    notes="ablation: affine couplings instead of mixture CDF, 108 filters (32,045,708 parameters)",
+))
+register_config(CIFAR10.replace(
+    name="cifar10-no-attention", mixer="pointwise", dequant_mixer="pointwise",
+    notes="ablation: a same-size pointwise gated layer instead of attention (31,443,440 parameters)",
+))
 
-register_config(
-    FlowConfig(
-        name="imagenet32",
-        image_shape=(3, 32, 32),
-        # The official code lists the first 7 stripe couplings as two groups of 4 and 3.
-        layout=("stripe x4", "stripe x3", "squeeze", "channel x3", "stripe x3"),
-        filters=128,
-        blocks=20,
-        components=32,
-        dropout=0.0,
-        pointwise=False,
-        weight_norm=True,
-        final_concat_elu=True,
-        mixture_float64=True,
-        dequant_layout=("stripe x4", "stripe x4"),
-        dequant_filters=128,
-        dequant_blocks=8,
-        dequant_components=32,
-        context_blocks=8,
-        context_mixer="attention",
-        context_layer_norm=True,
-        batch_size=32,
-        init_batch_size=32,
-        lr=1e-3,
-        warmup_steps=5000,
-        lr_schedule="imagenet32",
-        min_lr=3e-4,
-        ema_decay=0.999222,
-        official=True,
-        notes="official ImageNet 32x32 model, 168,955,724 parameters; 3.86 bits/dim",
-    )
-)
+register_config(FlowConfig(
+    name="imagenet32", image_shape=(3, 32, 32),
+    # The official code lists the first 7 stripe couplings as two groups of 4 and 3.
+    layout=("stripe x4", "stripe x3", "squeeze", "channel x3", "stripe x3"),
+    filters=128, blocks=20, components=32, dropout=0.0, pointwise=False, weight_norm=True,
+    final_concat_elu=True, mixture_float64=True,
+    dequant_layout=("stripe x4", "stripe x4"), dequant_filters=128, dequant_blocks=8, dequant_components=32,
+    context_blocks=8, context_mixer="attention", context_layer_norm=True,
+    batch_size=32, init_batch_size=32, lr=1e-3, warmup_steps=5000, lr_schedule="imagenet32", min_lr=3e-4,
+    ema_decay=0.999222, official=True,
+    notes="official ImageNet 32x32 model, 168,955,724 parameters; 3.86 bits/dim",
+))
 
-IMAGENET64 = register_config(
-    FlowConfig(
-        name="imagenet64",
-        image_shape=(3, 64, 64),
-        layout=("squeeze", "stripe x4", "squeeze", "channel x2", "stripe x2", "squeeze", "channel x2", "stripe x2"),
-        filters=96,
-        blocks=16,
-        components=4,
-        dropout=0.0,
-        pointwise=False,
-        final_concat_elu=True,
-        mixture_float64=True,
-        dequant_layout=("stripe x4",),
-        dequant_filters=96,
-        dequant_blocks=5,
-        dequant_components=4,
-        dequant_mixer="none",
-        dequant_frozen_pos_emb=True,
-        context_blocks=5,
-        context_mixer="none",
-        context_layer_norm=True,
-        batch_size=72,
-        init_batch_size=72,
-        lr=4e-4,
-        warmup_steps=10000,
-        lr_schedule="imagenet64",
-        min_lr=1e-6,
-        ema_decay=0.999,
-        official=True,
-        notes="official ImageNet 64x64 model, 73,489,960 parameters; 3.69 bits/dim",
-    )
-)
+IMAGENET64 = register_config(FlowConfig(
+    name="imagenet64", image_shape=(3, 64, 64),
+    layout=("squeeze", "stripe x4", "squeeze", "channel x2", "stripe x2", "squeeze", "channel x2", "stripe x2"),
+    filters=96, blocks=16, components=4, dropout=0.0, pointwise=False, final_concat_elu=True,
+    mixture_float64=True,
+    dequant_layout=("stripe x4",), dequant_filters=96, dequant_blocks=5, dequant_components=4,
+    dequant_mixer="none", dequant_frozen_pos_emb=True,
+    context_blocks=5, context_mixer="none", context_layer_norm=True,
+    batch_size=72, init_batch_size=72, lr=4e-4, warmup_steps=10000, lr_schedule="imagenet64", min_lr=1e-6,
+    ema_decay=0.999, official=True,
+    notes="official ImageNet 64x64 model, 73,489,960 parameters; 3.69 bits/dim",
+))
 
 # The release's n-bit models: the ImageNet64 architecture on 2^n levels, with float32 mixture math.
 # LogitPreprocess and the context network scale by num_levels, so nothing else changes.
-register_config(
-    IMAGENET64.replace(
-        name="imagenet64-5bit",
-        num_levels=32,
-        mixture_float64=False,
-        batch_size=60,
-        init_batch_size=60,
-        lr=4e-4,
-        warmup_steps=10000,
-        lr_schedule="imagenet64-5bit",
-        min_lr=1e-5,
-        notes="official ImageNet 64x64 5-bit model (x // 8), 73,489,960 parameters",
-    )
-)
-CELEBA64_5BIT = register_config(
-    IMAGENET64.replace(
-        name="celeba64-5bit",
-        num_levels=32,
-        mixture_float64=False,
-        batch_size=56,
-        init_batch_size=56,
-        lr=4e-5,
-        warmup_steps=20000,
-        lr_schedule="celeba64",
-        min_lr=1e-5,
-        notes="official CelebA 64x64 5-bit model, 73,489,960 parameters",
-    )
-)
-register_config(
-    CELEBA64_5BIT.replace(
-        name="celeba64-3bit",
-        num_levels=8,
-        notes="official CelebA 64x64 3-bit model, 73,489,960 parameters",
-    )
-)
-register_config(
-    IMAGENET64.replace(
-        name="celeba128-5bit",
-        image_shape=(3, 128, 128),
-        num_levels=32,
-        mixture_float64=False,
-        layout=("squeeze",) + IMAGENET64.layout,
-        blocks=12,
-        batch_size=48,
-        init_batch_size=64,
-        lr=1e-5,
-        warmup_steps=50000,
-        lr_schedule="constant",
-        min_lr=0.0,
-        notes="official CelebA 128x128 5-bit model, 122,790,952 parameters",
-    )
-)
+register_config(IMAGENET64.replace(
+    name="imagenet64-5bit", num_levels=32, mixture_float64=False,
+    batch_size=60, init_batch_size=60, lr=4e-4, warmup_steps=10000, lr_schedule="imagenet64-5bit", min_lr=1e-5,
+    notes="official ImageNet 64x64 5-bit model (x // 8), 73,489,960 parameters",
+))
+CELEBA64_5BIT = register_config(IMAGENET64.replace(
+    name="celeba64-5bit", num_levels=32, mixture_float64=False,
+    batch_size=56, init_batch_size=56, lr=4e-5, warmup_steps=20000, lr_schedule="celeba64", min_lr=1e-5,
+    notes="official CelebA 64x64 5-bit model, 73,489,960 parameters",
+))
+register_config(CELEBA64_5BIT.replace(
+    name="celeba64-3bit", num_levels=8,
+    notes="official CelebA 64x64 3-bit model, 73,489,960 parameters",
+))
+register_config(IMAGENET64.replace(
+    name="celeba128-5bit", image_shape=(3, 128, 128), num_levels=32, mixture_float64=False,
+    layout=("squeeze",) + IMAGENET64.layout, blocks=12,
+    batch_size=48, init_batch_size=64, lr=1e-5, warmup_steps=50000, lr_schedule="constant", min_lr=0.0,
+    notes="official CelebA 128x128 5-bit model, 122,790,952 parameters",
+))
 
 # --- Small presets for CPUs and tests -----------------------------------------------------------
 
-register_config(
-    FlowConfig(
-        name="tiny",
-        image_shape=(3, 8, 8),
-        num_levels=256,
-        layout=("stripe x2", "squeeze", "channel x2", "stripe x1"),
-        filters=8,
-        blocks=1,
-        components=4,
-        heads=2,
-        dropout=0.0,
-        dequant_layout=("stripe x2",),
-        dequant_filters=8,
-        dequant_blocks=1,
-        dequant_components=4,
-        context_channels=4,
-        context_blocks=1,
-        batch_size=8,
-        init_batch_size=16,
-        lr=1e-3,
-        warmup_steps=10,
-        ema_decay=0.9,
-        grad_clip_units="bpd",
-        notes="for tests only",
-    )
-)
+register_config(FlowConfig(
+    name="tiny", image_shape=(3, 8, 8), num_levels=256,
+    layout=("stripe x2", "squeeze", "channel x2", "stripe x1"),
+    filters=8, blocks=1, components=4, heads=2, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=8, dequant_blocks=1, dequant_components=4,
+    context_channels=4, context_blocks=1,
+    batch_size=8, init_batch_size=16, lr=1e-3, warmup_steps=10, ema_decay=0.9, grad_clip_units="bpd",
+    notes="for tests only",
+))
 
-register_config(
-    FlowConfig(
-        name="digits",
-        image_shape=(1, 8, 8),
-        num_levels=17,
-        layout=("stripe x4", "squeeze", "channel x2", "stripe x2"),
-        filters=32,
-        blocks=2,
-        components=8,
-        heads=4,
-        dropout=0.0,
-        dequant_layout=("stripe x2",),
-        dequant_filters=32,
-        dequant_blocks=1,
-        dequant_components=8,
-        context_channels=16,
-        context_blocks=2,
-        batch_size=64,
-        init_batch_size=256,
-        lr=2e-3,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        ema_decay=0.99,
-        grad_clip_units="bpd",
-        notes="scikit-learn's 8x8 digits (17 levels), trains in minutes on a CPU",
-    )
-)
+register_config(FlowConfig(
+    name="digits", image_shape=(1, 8, 8), num_levels=17,
+    layout=("stripe x4", "squeeze", "channel x2", "stripe x2"),
+    filters=32, blocks=2, components=8, heads=4, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=32, dequant_blocks=1, dequant_components=8,
+    context_channels=16, context_blocks=2,
+    batch_size=64, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.99,
+    grad_clip_units="bpd",
+    notes="scikit-learn's 8x8 digits (17 levels), trains in minutes on a CPU",
+))
 
-MNIST = register_config(
-    FlowConfig(
-        name="mnist",
-        image_shape=(1, 28, 28),
-        num_levels=256,
-        # Attention only after the squeeze (196 and 98 positions per half, not 392): at full
-        # resolution it tripled the cost of a step for little gain within a short budget.
-        layout=("stripe x4 no-attention", "squeeze", "channel x2", "stripe x2"),
-        filters=32,
-        blocks=2,
-        components=8,
-        heads=4,
-        dropout=0.0,
-        dequant_layout=("stripe x2",),
-        dequant_filters=16,
-        dequant_blocks=1,
-        dequant_components=8,
-        dequant_mixer="none",
-        context_channels=16,
-        context_blocks=2,
-        batch_size=32,
-        init_batch_size=256,
-        lr=2e-3,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        ema_decay=0.999,
-        ema_warmup=True,
-        grad_clip_units="bpd",
-        notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
-    )
-)
+MNIST = register_config(FlowConfig(
+    name="mnist", image_shape=(1, 28, 28), num_levels=256,
+    # Attention only after the squeeze (196 and 98 positions per half, not 392): at full
+    # resolution it tripled the cost of a step for little gain within a short budget.
+    layout=("stripe x4 no-attention", "squeeze", "channel x2", "stripe x2"),
+    filters=32, blocks=2, components=8, heads=4, dropout=0.0,
+    dequant_layout=("stripe x2",), dequant_filters=16, dequant_blocks=1, dequant_components=8,
+    dequant_mixer="none", context_channels=16, context_blocks=2,
+    batch_size=32, init_batch_size=256, lr=2e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
+    ema_warmup=True, grad_clip_units="bpd",
+    notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
+))
 
-register_config(
-    MNIST.replace(
-        name="cifar10-small",
-        image_shape=(3, 32, 32),
-        notes="32x32x3 data on a CPU: the mnist preset's recipe",
-    )
-)
+register_config(MNIST.replace(
+    name="cifar10-small", image_shape=(3, 32, 32),
+    notes="32x32x3 data on a CPU: the mnist preset's recipe",
+))
+# fmt: on

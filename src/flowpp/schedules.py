@@ -19,6 +19,15 @@ def _warmup(step: int, warmup_steps: int, peak: float) -> float:
     return peak * min(1.0, step / warmup_steps) if warmup_steps > 0 else peak
 
 
+def _warm_hold_decay(cfg: FlowConfig, s: int, hold_until: int, rate: float, floor: float) -> float:
+    """Warm up to the peak, hold it until step ``hold_until``, then x``rate`` per step down to ``floor``."""
+    if s < cfg.warmup_steps:
+        return _warmup(s, cfg.warmup_steps, cfg.lr)
+    if s <= hold_until:
+        return cfg.lr
+    return max(cfg.lr * rate ** (s - hold_until), floor)
+
+
 def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> float:
     """Learning rate for optimizer step ``step`` (0-based)."""
     s = step
@@ -35,24 +44,14 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
         return warm * (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * p)))
     if cfg.lr_schedule == "imagenet32":
         # Warm up to the peak, hold until 10x the warm-up, then x0.99995 per step down to min_lr.
-        hold_end = 10 * cfg.warmup_steps
-        if s < cfg.warmup_steps:
-            return _warmup(s, cfg.warmup_steps, cfg.lr)
-        if s <= hold_end:
-            return cfg.lr
-        return max(cfg.lr * 0.99995 ** (s - hold_end), cfg.min_lr)
+        return _warm_hold_decay(cfg, s, 10 * cfg.warmup_steps, 0.99995, cfg.min_lr)
     if cfg.lr_schedule == "imagenet64":
         # The intended piecewise schedule (the official code returns None at the boundaries and a
         # negative rate between 280k and 290k): warm up to 4e-4 over 10k, hold to 50k, decay
         # x0.99995 per step to 3e-4, hold to 230k, re-warm 0 -> 1e-5 over 10k, hold to 280k,
         # re-warm 0 -> 1e-6 over 10k, then hold (the authors' guard against late NaNs).
-        w = cfg.warmup_steps
-        if s < w:
-            return _warmup(s, w, cfg.lr)
-        if s <= 5 * w:
-            return cfg.lr
         if s < 230_000:
-            return max(cfg.lr * 0.99995 ** (s - 5 * w), 3e-4)
+            return _warm_hold_decay(cfg, s, 5 * cfg.warmup_steps, 0.99995, 3e-4)
         if s < 240_000:
             return 1e-5 * (s - 230_000) / 10_000
         if s < 280_000:
@@ -64,22 +63,13 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
         # The release's 5-bit ImageNet64 launcher, repaired as above (it returns no rate at its
         # boundary steps): warm up to 4e-4 over 10k, hold to 50k, x0.99995 per step down to
         # 3e-4, hold to 110k, ramp 0 -> 1e-5 over 110k-130k, then hold at 1e-5 (min_lr).
-        w = cfg.warmup_steps
-        if s < w:
-            return _warmup(s, w, cfg.lr)
-        if s <= 5 * w:
-            return cfg.lr
         if s < 110_000:
-            return max(cfg.lr * 0.99995 ** (s - 5 * w), 3e-4)
+            return _warm_hold_decay(cfg, s, 5 * cfg.warmup_steps, 0.99995, 3e-4)
         if s < 130_000:
             return cfg.min_lr * (s - 110_000) / 20_000
         return cfg.min_lr
     if cfg.lr_schedule == "celeba64":
         # The release's CelebA 64x64 launchers: warm up to the peak, hold to 50k steps, then
         # x0.9995 per step down to min_lr.
-        if s < cfg.warmup_steps:
-            return _warmup(s, cfg.warmup_steps, cfg.lr)
-        if s <= 50_000:
-            return cfg.lr
-        return max(cfg.lr * 0.9995 ** (s - 50_000), cfg.min_lr)
+        return _warm_hold_decay(cfg, s, 50_000, 0.9995, cfg.min_lr)
     raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")

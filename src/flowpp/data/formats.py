@@ -18,6 +18,7 @@ values in ``0..num_levels-1``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
@@ -199,7 +200,20 @@ def read_tar_stream(path: PathLike, wanted: Collection[str], max_member_bytes: i
     return found
 
 
-class SafeTar:
+class _Closing:
+    """A reader that is its own context manager: ``with Reader(path) as r: ...`` closes it."""
+
+    def close(self) -> None:  # pragma: no cover - every reader defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafeTar(_Closing):
     """An uncompressed or compressed tar opened for random access to its files.
 
     Opening scans every header (cheap for an uncompressed tar: it only seeks)
@@ -253,12 +267,6 @@ class SafeTar:
             except _TAR_ERRORS:
                 pass
             self._tar = None
-
-    def __enter__(self) -> "SafeTar":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------
@@ -575,7 +583,7 @@ def parse_idx_images(data: bytes, source: PathLike, expect_hw: Optional[tuple] =
 # ---------------------------------------------------------------------------
 
 
-class NpzReader:
+class NpzReader(_Closing):
     """Read arrays from an ``.npz`` without unpickling and without trusting it.
 
     Each ``.npy`` header is parsed first; object dtypes are refused and the
@@ -679,12 +687,6 @@ class NpzReader:
                 pass
             self._zip = None
 
-    def __enter__(self) -> "NpzReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 # ---------------------------------------------------------------------------
 # PNG / JPEG through Pillow
@@ -697,15 +699,21 @@ def _pil():
     return Image
 
 
+@contextlib.contextmanager
+def _open_image(src: Union[PathLike, bytes], formats: Sequence[str]):
+    """Pillow's image of a path or of bytes, trying only ``formats``, its warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
+        with _pil().open(fobj, formats=list(formats)) as im:
+            yield im
+
+
 def probe_image(src: Union[PathLike, bytes], source: PathLike, formats: Sequence[str] = ("PNG",)) -> tuple:
     """Return ``(width, height, mode)`` of an image from its header only."""
-    Image = _pil()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
-            with Image.open(fobj, formats=list(formats)) as im:
-                return im.size[0], im.size[1], im.mode
+        with _open_image(src, formats) as im:
+            return im.size[0], im.size[1], im.mode
     except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
         names = "/".join(formats)
         raise _fail(source, f"cannot read as {names} image: not an image or corrupted", exc) from exc
@@ -728,27 +736,23 @@ def decode_image(
     With `gray_to_rgb`, an L image is returned as 3 equal channels.  The size
     is checked from the header before decoding (decompression bombs).
     """
-    Image = _pil()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src)
-            with Image.open(fobj, formats=list(formats)) as im:
-                w, h = im.size
-                if expect_size is not None and (w, h) != tuple(expect_size):
-                    raise _fail(source, f"image is {w}x{h}, expected {expect_size[0]}x{expect_size[1]}")
-                if w * h > MAX_IMAGE_PIXELS or w <= 0 or h <= 0:
-                    raise _fail(source, f"image size {w}x{h} is out of range")
-                if im.mode not in modes:
-                    raise _fail(
-                        source,
-                        f"image mode {im.mode!r} is not supported (expected "
-                        f"{' or '.join(sorted(modes))}); convert it first, "
-                        "e.g. PIL Image.convert('RGB')",
-                    )
-                im.load()
-                arr = np.asarray(im, dtype=np.uint8)
-                mode = im.mode
+        with _open_image(src, formats) as im:
+            w, h = im.size
+            if expect_size is not None and (w, h) != tuple(expect_size):
+                raise _fail(source, f"image is {w}x{h}, expected {expect_size[0]}x{expect_size[1]}")
+            if w * h > MAX_IMAGE_PIXELS or w <= 0 or h <= 0:
+                raise _fail(source, f"image size {w}x{h} is out of range")
+            if im.mode not in modes:
+                raise _fail(
+                    source,
+                    f"image mode {im.mode!r} is not supported (expected "
+                    f"{' or '.join(sorted(modes))}); convert it first, "
+                    "e.g. PIL Image.convert('RGB')",
+                )
+            im.load()
+            arr = np.asarray(im, dtype=np.uint8)
+            mode = im.mode
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, zlib.error, ...
