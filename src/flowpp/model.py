@@ -184,11 +184,8 @@ class FlowPlusPlus(nn.Module):
         ``torch.compile``); the mixture math and the flow's bookkeeping stay eager.
 
         Compiling fuses the networks' elementwise work (concat-ELU, gates, layer norm, residual
-        adds) around the convolutions and attention. On the ``cifar10`` config, ``log_prob`` at
-        batch 8 on 2 CPU threads was 6% faster (median of 8 paired eager/compiled calls; best
-        calls 4.43 against 3.80 images/s); convolutions and attention, most of the time, are
-        unchanged. Each new input shape compiles first (16 s for ``cifar10`` with a warm cache,
-        longer the first time). On CPU this needs a C++ compiler.
+        adds) around the convolutions and attention (what it gains: docs/performance.md). Each
+        new input shape compiles first; on CPU this needs a C++ compiler.
         Call it after ``initialize`` and after any copies (EMA) are made; parameters and
         ``state_dict`` keys are unchanged. It raises dynamo's process-wide cache limit to fit
         one compiled graph per network and input shape.

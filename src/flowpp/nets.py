@@ -3,8 +3,8 @@
 Tensors are NCHW in shape. Inside a network they are kept channels-last in memory (NHWC strides):
 a 1x1 convolution is then one matrix product over all pixels with the bias fused, its output
 and everything after it stay contiguous, and layer norm over channels reads contiguous rows
-(a no-grad CIFAR-10 pass was 17% faster in paired one-thread runs). Networks convert once at
-their input and hand back NCHW-contiguous outputs.
+(measurements in docs/performance.md). Networks convert once at their input and hand back
+NCHW-contiguous outputs.
 
 Every convolution starts from N(0, 0.05) weights and is rescaled on the first batch (see
 :mod:`flowpp.ddi`) so that its output has zero mean and standard deviation ``init_scale`` per
@@ -125,8 +125,8 @@ class ChannelLayerNorm(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """Inverted dropout drawn as ``rand >= p``: the same distribution as ``nn.Dropout``, and about
-    2.5x faster on CPU than its Bernoulli sampler (dropout was ~10% of a CIFAR-10 training step)."""
+    """Inverted dropout drawn as ``rand >= p``: the same distribution as ``nn.Dropout``, and faster
+    on CPU than its Bernoulli sampler (docs/performance.md)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
