@@ -43,6 +43,9 @@ from .runs import RunDir
 from .schedules import learning_rate
 
 __all__ = [
+    "Trainer",
+    "start_training",
+    "finish_training",
     "TrainSettings",
     "TrainState",
     "EMA",
@@ -455,6 +458,101 @@ class _Every:
 # --- the loop -------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Trainer:
+    """What the loop works on, set up by :func:`start_training`."""
+
+    config: FlowConfig
+    settings: TrainSettings
+    dist: D.DistInfo
+    device: torch.device
+    run: RunDir
+    model: FlowPlusPlus
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    ema: EMA
+    keeper: CheckpointKeeper
+    metrics: MetricsWriter
+    state: TrainState
+    resumed_from: Path | None
+    say: Log
+
+
+def start_training(config: FlowConfig, settings: TrainSettings, train_x: Tensor, *, resume: bool, log: Log) -> Trainer:
+    """Join the processes, prepare the run directory, and build the model, optimizer and EMA:
+    from the newest checkpoint, or fresh with data-dependent init on rank 0's init batch."""
+    device = D.resolve_device(settings.device)
+    dist = D.setup_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if config.batch_size % dist.world_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
+            f"number of processes ({dist.world_size})"
+        )
+    say = log if dist.is_main else (lambda *_: None)
+    run = RunDir(settings.out_dir)
+    if dist.is_main:
+        run.create(resume)
+    D.barrier(dist)
+
+    torch.manual_seed(settings.seed)
+    model = FlowPlusPlus(config).to(device)
+    model.set_autocast(torch.bfloat16 if settings.bf16 else None)
+    model.set_activation_checkpointing(settings.activation_checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+    ema = EMA(model, config.ema_decay, config.ema_warmup)
+    settings_dict = json.loads(json.dumps(asdict(settings), default=str))  # plain data for the checkpoints
+    keeper = CheckpointKeeper(run, config, settings_dict, settings.keep_checkpoints, dist, say)
+    resumed_from, state = None, TrainState()
+    if resume:
+        resumed_from, state = keeper.resume(model, ema, opt)
+        say(f"resuming from {resumed_from} (step {state.step})")
+    else:  # every rank takes rank 0's initialised weights
+        if dist.is_main:
+            init_idx = epoch_permutation(len(train_x), settings.seed, -1)[: config.init_batch_size]
+            model.initialize(train_x[init_idx].to(device))
+        D.broadcast_module(model, dist)
+        model.initialized.fill_(True)
+        ema = EMA(model, config.ema_decay, config.ema_warmup)
+    net = model
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if dist.is_main:
+        run.write_config(config)
+        run.write_settings(settings_dict)
+    metrics = MetricsWriter(run, dist.is_main, resume_step=state.step if resume else None)
+    say(
+        f"flowpp: config {config.name} ({sum(p.numel() for p in model.parameters()):,} parameters), "
+        f"{len(train_x):,} training images, device {device}, {dist.world_size} process(es), "
+        f"global batch {config.batch_size}"
+    )
+    return Trainer(config, settings, dist, device, run, model, net, opt, ema, keeper, metrics, state, resumed_from, say)
+
+
+class _Window:
+    """Training loss and throughput since the last metrics row."""
+
+    def __init__(self):
+        self.bpd, self.images, self.seconds = [], 0, 0.0
+
+    def add(self, bpd: float | None, images: int, seconds: float) -> None:
+        self.bpd += [] if bpd is None else [bpd]
+        self.images += images
+        self.seconds += seconds
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    @property
+    def mean_bpd(self) -> float:
+        return float(np.mean(self.bpd)) if self.bpd else float("nan")
+
+
 def train(
     config: FlowConfig,
     settings: TrainSettings,
@@ -475,189 +573,113 @@ def train(
     config.check_data(valid_x.shape[1:], num_levels or config.num_levels, "validation")
     if not settings.max_steps and not (settings.max_minutes and settings.max_minutes > 0):
         raise UsageError("give --max-steps and/or a positive --max-minutes")
-    device = D.resolve_device(settings.device)
-    dist = D.setup_distributed(device.type)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    if config.batch_size % dist.world_size:
-        raise UsageError(
-            f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
-            f"number of processes ({dist.world_size})"
-        )
+    t = start_training(config, settings, train_x, resume=resume, log=log)
+    state, dist, say = t.state, t.dist, t.say
     mine = slice(
         dist.rank * config.batch_size // dist.world_size, (dist.rank + 1) * config.batch_size // dist.world_size
     )
-    say = log if dist.is_main else (lambda *_: None)
-    run = RunDir(settings.out_dir)
-    if dist.is_main:
-        run.create(resume)
-    D.barrier(dist)
-
-    torch.manual_seed(settings.seed)
-    model = FlowPlusPlus(config).to(device)
-    model.set_autocast(torch.bfloat16 if settings.bf16 else None)
-    model.set_activation_checkpointing(settings.activation_checkpointing)
-    opt = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=config.adam_betas, eps=config.adam_eps
-    )
-    ema = EMA(model, config.ema_decay, config.ema_warmup)
-    settings_dict = json.loads(json.dumps(asdict(settings), default=str))  # plain data for the checkpoints
-    keeper = CheckpointKeeper(run, config, settings_dict, settings.keep_checkpoints, dist, say)
-    resumed_from, state = None, TrainState()
-    if resume:
-        resumed_from, state = keeper.resume(model, ema, opt)
-        say(f"resuming from {resumed_from} (step {state.step})")
-    else:  # data-dependent init on rank 0's init batch, then every rank takes rank 0's weights
-        if dist.is_main:
-            model.initialize(
-                train_x[epoch_permutation(len(train_x), settings.seed, -1)[: config.init_batch_size]].to(device)
-            )
-        D.broadcast_module(model, dist)
-        model.initialized.fill_(True)
-        ema = EMA(model, config.ema_decay, config.ema_warmup)
-    net = (
-        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.enabled
-        else model
-    )
-    if dist.is_main:
-        run.write_config(config)
-        run.write_settings(settings_dict)
-    metrics = MetricsWriter(run, dist.is_main, resume_step=state.step if resume else None)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(
-        f"flowpp: config {config.name} ({n_params:,} parameters), {len(train_x):,} training images, "
-        f"device {device}, {dist.world_size} process(es), global batch {config.batch_size}"
-    )
-
     progress = functools.partial(budget_used, settings, state)
-    finished = lambda: progress() >= 1.0  # noqa: E731
     batches = batch_iterator(len(train_x), config.batch_size, settings.seed, state.epoch, state.offset)
     eval_timer = _Every(settings.eval_every, settings.eval_minutes)
     ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes)
-    bar = None
-    if dist.is_main and settings.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=settings.max_steps, initial=state.step, dynamic_ncols=True, unit="step")
+    bar = _progress_bar(settings, state) if dist.is_main and settings.progress else None
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
-    window = dict(bpd=[], images=0, seconds=0.0)
-    bad_in_row, grad_norm, stop_reason, ckpt_path = 0, float("nan"), "budget", None
+    window, bad_in_row, grad_norm, stop_reason, ckpt_path = _Window(), 0, float("nan"), "budget", None
 
     with _Stop() as stop:
         stop_agreed = False
-        while not finished():
+        while progress() < 1.0:
             if stop_agreed or (stop.requested and not dist.enabled):
                 stop_reason = "signal"
                 break
             t0 = time.perf_counter()
             epoch, offset, idx = next(batches)
-            x = train_x[idx[mine]].to(device, non_blocking=True)
-            noise = step_noise(model, config, settings.seed, state.step)[mine].to(device)
+            x = train_x[idx[mine]].to(t.device, non_blocking=True)
+            noise = step_noise(t.model, config, settings.seed, state.step)[mine].to(t.device)
             torch.manual_seed(settings.seed * 1_000_003 + state.step * 8_191 + dist.rank)  # dropout stream
             lr = learning_rate_now(config, state, progress())
-            loss, norm, finite = train_step(net, model, opt, x, noise, lr, step_hook, state.step)
+            loss, norm, finite = train_step(t.net, t.model, t.opt, x, noise, lr, step_hook, state.step)
             finite, global_bpd, stop_agreed = agree(finite, loss, stop.requested, dist)
-            state.epoch, state.offset = epoch, offset
-            state.step += 1
+            state.epoch, state.offset, state.step = epoch, offset, state.step + 1
             state.images_seen += config.batch_size
             if finite:
-                opt.step()
-                ema.update(model, state.step - 1)
+                t.opt.step()
+                t.ema.update(t.model, state.step - 1)
                 bad_in_row, grad_norm = 0, float(norm)
-                window["bpd"].append(global_bpd)
             else:
-                opt.zero_grad(set_to_none=True)
+                t.opt.zero_grad(set_to_none=True)
                 state.skipped_steps += 1
                 bad_in_row += 1
                 say(f"step {state.step - 1}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= settings.max_bad_steps:
-                    if keeper.rollback(model, ema, opt):
-                        state.rollbacks += 1
-                        state.rewarm_from = state.step
+                    if t.keeper.rollback(t.model, t.ema, t.opt):
+                        state.rollbacks, state.rewarm_from = state.rollbacks + 1, state.step
                     else:
                         say("no checkpoint to roll back to yet; continuing to skip bad steps")
                     bad_in_row = 0
             dt = time.perf_counter() - t0
             state.train_seconds += dt
-            window["seconds"] += dt
-            window["images"] += config.batch_size
-            img_per_s = window["images"] / max(window["seconds"], 1e-9)
+            window.add(global_bpd if finite else None, config.batch_size, dt)
             if bar is not None:
                 bar.update(1)
-                if window["bpd"]:
-                    bar.set_postfix(bpd=f"{window['bpd'][-1]:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
+                bar.set_postfix(bpd=f"{global_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{window.img_per_s:.1f}")
 
-            s, row = state.step, None
-            if s % settings.log_every == 0 or finished():
-                row = dict(
-                    step=s,
-                    images_seen=state.images_seen,
-                    lr=lr,
-                    img_per_s=img_per_s,
-                    grad_norm=grad_norm,
-                    train_bpd=float(np.mean(window["bpd"])) if window["bpd"] else float("nan"),
-                    skipped_steps=state.skipped_steps,
-                    rollbacks=state.rollbacks,
-                    train_seconds=state.train_seconds,
-                )
-                window = dict(bpd=[], images=0, seconds=0.0)
-            if eval_timer.due(s) and not finished():
-                result = evaluate_now(ema.model, valid_x, settings, run, s, dist)
+            s, row, last = state.step, None, progress() >= 1.0
+            if s % settings.log_every == 0 or last:
+                row = dict(step=s, images_seen=state.images_seen, train_bpd=window.mean_bpd, lr=lr,
+                           img_per_s=window.img_per_s, grad_norm=grad_norm, skipped_steps=state.skipped_steps,
+                           rollbacks=state.rollbacks, train_seconds=state.train_seconds)  # fmt: skip
+                window = _Window()
+            if eval_timer.due(s) and not last:
+                result = evaluate_now(t.ema.model, valid_x, settings, t.run, s, dist)
                 eval_timer.reset()
                 state.record_valid(result["valid_bpd"])
                 row = {**(row or dict(step=s, images_seen=state.images_seen, lr=lr)), **result}
                 say(f"step {s}: valid bpd {result['valid_bpd']:.4f} (EMA), inverse error {result['inverse_error']:.2e}")
             state.wall_seconds = time.monotonic() - wall_start
             if row is not None:
-                metrics.write({**row, "wall_seconds": state.wall_seconds})
-            if ckpt_timer.due(s) and not finished():
-                ckpt_path = keeper.save(model, ema, opt, state)
+                t.metrics.write({**row, "wall_seconds": state.wall_seconds})
+            if ckpt_timer.due(s) and not last:
+                ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state)
                 ckpt_timer.reset()
 
         if bar is not None:
             bar.close()
         # Final checkpoint (also on SIGTERM / SIGINT), then the final evaluation.
-        ckpt_path = keeper.save(model, ema, opt, state) or ckpt_path
+        ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state) or ckpt_path
         if stop_reason == "signal":
             say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
-    final = {}
+    return finish_training(t, valid_x, stop_reason, ckpt_path, wall_start)
+
+
+def _progress_bar(settings: TrainSettings, state: TrainState):
+    from tqdm import tqdm
+
+    return tqdm(total=settings.max_steps, initial=state.step, dynamic_ncols=True, unit="step")
+
+
+def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Path | None, wall_start: float) -> dict:
+    """The final evaluation (unless stopped by a signal), its metrics row, and summary.json."""
+    state, final = t.state, {}
     if stop_reason != "signal":
-        final = evaluate_now(ema.model, valid_x, settings, run, state.step, dist)
+        final = evaluate_now(t.ema.model, valid_x, t.settings, t.run, state.step, t.dist)
         state.record_valid(final["valid_bpd"])
-        metrics.write(
-            dict(
-                step=state.step,
-                images_seen=state.images_seen,
-                skipped_steps=state.skipped_steps,
-                rollbacks=state.rollbacks,
-                train_seconds=state.train_seconds,
-                wall_seconds=time.monotonic() - wall_start,
-                **final,
-            )
-        )
-        say(f"done: step {state.step}, valid bpd {final['valid_bpd']:.4f} (EMA, {len(valid_x)} images)")
+        t.metrics.write(
+            dict(step=state.step, images_seen=state.images_seen, skipped_steps=state.skipped_steps,
+                 rollbacks=state.rollbacks, train_seconds=state.train_seconds,
+                 wall_seconds=time.monotonic() - wall_start, **final)
+        )  # fmt: skip
+        t.say(f"done: step {state.step}, valid bpd {final['valid_bpd']:.4f} (EMA, {len(valid_x)} images)")
     summary = dict(
-        config=config.name,
-        dataset=settings.dataset,
-        dataset_description=settings.dataset_description,
-        parameters=n_params,
-        steps=state.step,
-        images_seen=state.images_seen,
-        train_seconds=state.train_seconds,
-        final_valid_bpd=state.last_valid_bpd,
-        best_valid_bpd=state.best_valid_bpd,
-        final_inverse_error=final.get("inverse_error"),
-        skipped_steps=state.skipped_steps,
-        rollbacks=state.rollbacks,
-        stopped_by=stop_reason,
-        checkpoint=str(ckpt_path) if ckpt_path else None,
-        resumed_from=resumed_from and str(resumed_from),
-        world_size=dist.world_size,
-        device=str(device),
-        torch_version=torch.__version__,
-    )
-    if dist.is_main:
-        run.write_summary(summary)
-    metrics.close()
+        config=t.config.name, dataset=t.settings.dataset, dataset_description=t.settings.dataset_description,
+        parameters=sum(p.numel() for p in t.model.parameters()), steps=state.step, images_seen=state.images_seen,
+        train_seconds=state.train_seconds, final_valid_bpd=state.last_valid_bpd, best_valid_bpd=state.best_valid_bpd,
+        final_inverse_error=final.get("inverse_error"), skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
+        stopped_by=stop_reason, checkpoint=str(ckpt_path) if ckpt_path else None,
+        resumed_from=str(t.resumed_from) if t.resumed_from else None, world_size=t.dist.world_size,
+        device=str(t.device), torch_version=torch.__version__,
+    )  # fmt: skip
+    if t.dist.is_main:
+        t.run.write_summary(summary)
+    t.metrics.close()
     return summary
