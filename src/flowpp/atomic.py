@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +16,15 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-__all__ = ["fsync_dir", "atomic_write", "atomic_write_bytes", "atomic_write_text", "write_json", "write_npz"]
+__all__ = [
+    "fsync_dir",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "write_json",
+    "write_npz",
+    "json_text",
+]
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,8 +74,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """Standard JSON (indented): NaN and infinities become null, other objects their str()."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    return atomic_write_text(path, json_text(obj))
 
 
 def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:

@@ -57,6 +57,14 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         help="torch.compile the conditioner networks first: faster over many images, after the "
         "first batch of each shape compiles (needs a C++ compiler on CPU)",
     )
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--weights", dest="which", default=None, choices=["best", "last"],
+                       help="the run's best model (best.pt, the best validation so far) or its newest checkpoint "
+                            "(default: best when the run has one)")  # fmt: skip
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--weights", dest="which", default=None, choices=["best", "last"],
+                       help="the run's best model (best.pt, the best validation so far) or its newest checkpoint "
+                            "(default: best when the run has one)")  # fmt: skip
     data = argparse.ArgumentParser(add_help=False)
     g = data.add_argument_group("data")
     g.add_argument(
@@ -65,7 +73,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument(
         "--no-download", dest="download", action="store_false", help="never download; fail if files are missing"
     )
-    return dict(runtime=runtime, seed=seed, compile=compiled, data=data)
+    return dict(runtime=runtime, seed=seed, compile=compiled, data=data, which=which)
 
 
 def _add_train(sub, parents) -> None:
@@ -164,6 +172,12 @@ def _add_train(sub, parents) -> None:
         help="how many recent checkpoints to keep",
     )
     g.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=d("patience"),
+        help="stop early after N evaluations in a row without a new best validation bpd (small datasets)",
+    )
+    g.add_argument(
         "--max-bad-steps",
         type=_positive_int,
         default=d("max_bad_steps"),
@@ -189,13 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         formatter_class=_Formatter,
         help="bits/dim of a run on a dataset split",
-        parents=[parents["data"], parents["runtime"], parents["seed"], parents["compile"]],
+        parents=[parents["data"], parents["runtime"], parents["seed"], parents["compile"], parents["which"]],
         description="Evaluate the EMA weights of a run's newest checkpoint. With --samples S > 1 "
         "also the importance-weighted bound (float64 log-mean-exp over S "
         "dequantization samples per image). The paper's protocol: --split test "
         "--samples 4096.",
     )
-    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
     e.add_argument("--data", required=True, help=f"DATASET: {_DATASETS_HELP}")
     e.add_argument("--split", default="test", choices=["train", "valid", "test"], help="which split")
     e.add_argument("--samples", type=_positive_int, default=1, help="dequantization samples per image (S)")
@@ -207,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         formatter_class=_Formatter,
         help="draw samples from a run",
-        parents=[parents["runtime"], parents["seed"], parents["compile"]],
+        parents=[parents["runtime"], parents["seed"], parents["compile"], parents["which"]],
         description="Sample z ~ N(0, T^2 I) and invert the main flow with the EMA weights.",
     )
-    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
     s.add_argument("-n", "--num", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature T")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
@@ -222,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         formatter_class=_Formatter,
         help="bits/dim of given image files",
-        parents=[parents["runtime"], parents["seed"], parents["compile"]],
+        parents=[parents["runtime"], parents["seed"], parents["compile"], parents["which"]],
         description="Bits/dim of each PNG/JPEG image, or each image in an .npz, under a run's "
         "model (e.g. for out-of-distribution detection). 8-bit pixels are mapped to "
         "the config's levels.",
     )
-    c.add_argument("--run", required=True, help="run directory")
+    c.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
     c.add_argument("images", nargs="+", help="PNG/JPEG files or .npz files")
     c.add_argument("--samples", type=_positive_int, default=16, help="dequantization samples per image")
     c.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
@@ -236,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         formatter_class=_Formatter,
         help="export a run's weights to safetensors",
-        description="Write the EMA (or raw) weights of a run's newest checkpoint as safetensors, "
-        "with the config as metadata.",
+        parents=[parents["which"]],
+        description="Write the EMA weights of a run's best model (or newest checkpoint) as safetensors, with the "
+        "config as metadata, and a model card (<out>.card.json) beside it: config, parameters, data, steps and "
+        "what was measured. flowpp.load(file) reads it back; eval, sample and score take it as --run.",
     )
     x.add_argument("--run", required=True, help="run directory")
     x.add_argument("--out", required=True, help=".safetensors file to write")
-    x.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights")
+    x.add_argument("--raw", action="store_true", help="the raw (trained) weights instead of their EMA")
 
     k = sub.add_parser("configs", formatter_class=_Formatter, help="list the named configs with parameter counts")
     k.add_argument("name", nargs="?", default=None, help="show one config in full")
@@ -276,37 +292,24 @@ def _train(args) -> int:
     return 0
 
 
-def _call(job_name: str, args, *names: str) -> int:
+def _call(job_name: str, args) -> int:
+    """Call a job of flowpp.jobs with the parsed options it takes (by name)."""
+    import inspect
+
     from . import jobs
 
-    getattr(jobs, job_name)(**{n: getattr(args, n) for n in names})
+    job = getattr(jobs, job_name)
+    job(**{name: getattr(args, name) for name in inspect.signature(job).parameters if hasattr(args, name)})
     return 0
 
 
 COMMANDS = {
     "train": _train,
-    "eval": lambda a: _call(
-        "eval_job",
-        a,
-        "run",
-        "data",
-        "split",
-        "samples",
-        "batch_size",
-        "limit",
-        "seed",
-        "device",
-        "compile",
-        "out",
-        "data_dir",
-        "download",
-    ),
-    "sample": lambda a: _call(
-        "sample_job", a, "run", "num", "temperature", "seed", "out", "npz", "scale", "batch_size", "device", "compile"
-    ),
-    "score": lambda a: _call("score_job", a, "run", "images", "samples", "seed", "device", "compile", "as_json"),
-    "export": lambda a: _call("export_job", a, "run", "out", "weights"),
-    "configs": lambda a: _call("configs_job", a, "name"),
+    "eval": lambda a: _call("eval_job", a),
+    "sample": lambda a: _call("sample_job", a),
+    "score": lambda a: _call("score_job", a),
+    "export": lambda a: _call("export_job", a),
+    "configs": lambda a: _call("configs_job", a),
 }
 
 

@@ -1,29 +1,117 @@
-"""Export a run's weights to safetensors (no pickle at all), with the config as metadata."""
+"""Exported weights: a safetensors file (no pickle at all) with the config as metadata, a model
+card beside it, and :func:`load` to read such a file back into a ready model."""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
+import torch
+
+from .atomic import atomic_write_bytes, write_json
+from .checkpoint import CheckpointError
+from .configs import FlowConfig
 from .errors import UsageError
-from .runs import load_run
+from .model import FlowPlusPlus, count_parameters
+from .runs import RunDir
 
-__all__ = ["export_safetensors"]
+__all__ = ["export_safetensors", "load", "load_with_metadata", "card_path", "EXPORT_VERSION"]
+
+EXPORT_VERSION = "1"  # of the metadata layout; files of another version are refused
 
 
-def export_safetensors(run_dir: str | Path, out: str | Path, weights: str = "ema") -> tuple[Path, int]:
+def _safetensors():
     try:
-        from safetensors.torch import save
+        import safetensors.torch as st
     except ImportError as e:
-        raise UsageError("exporting needs the safetensors package: pip install safetensors") from e
-    model, info = load_run(run_dir, "cpu", weights=weights)
+        raise UsageError("exported weights need the safetensors package: pip install safetensors") from e
+    return st
+
+
+def card_path(weights_file: str | os.PathLike) -> Path:
+    """model.safetensors -> model.card.json"""
+    p = Path(weights_file)
+    return p.with_name(p.name[: -len(p.suffix)] + ".card.json" if p.suffix else p.name + ".card.json")
+
+
+def _measurements(run: RunDir, summary: dict, settings: dict) -> list[dict]:
+    """What was measured of this run: its `flowpp eval` results, else the validation during training."""
+    found = []
+    for f in sorted(glob.glob(str(run.path / "eval-*.json"))):
+        try:
+            r = json.loads(Path(f).read_text())
+        except (OSError, ValueError):
+            continue
+        entry = {k: r.get(k) for k in ("data", "split", "n_images", "samples", "bpd", "bpd_se", "iw_bpd", "iw_bpd_se",
+                                       "step", "checkpoint")}  # fmt: skip
+        found.append({k: v for k, v in entry.items() if v is not None})
+    if not found and summary.get("best_valid_bpd") is not None:
+        found.append(dict(split=settings.get("valid_split", "valid"), n_images=settings.get("eval_images"), samples=1,
+                          bpd=summary["best_valid_bpd"], step=summary.get("best_step"),
+                          note="validation during training (EMA, single-sample bound)"))  # fmt: skip
+    return found
+
+
+def export_safetensors(
+    run_dir: str | Path, out: str | Path, weights: str = "ema", which: str | None = None
+) -> tuple[Path, int, dict]:
+    """Write the run's best (or last) weights to ``out`` and a model card beside it."""
+    st = _safetensors()
+    run = RunDir(run_dir)
+    model, info = run.load_model("cpu", weights=weights, which=which)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": "flowpp",
+        "flowpp_export_version": EXPORT_VERSION,
         "config": json.dumps(model.config.to_dict()),
         "weights": weights,
+        "which": info["which"],
         "step": str(info["step"]),
     }
-    path = atomic_write_bytes(out, save(tensors, metadata=meta))
-    return path, len(tensors)
+    path = atomic_write_bytes(out, st.save(tensors, metadata=meta))
+    summary = json.loads(run.summary_file.read_text()) if run.summary_file.is_file() else {}
+    settings = run.read_settings()
+    card = dict(
+        weights_file=path.name, config=model.config.to_dict(), parameters=count_parameters(model.config),
+        dataset=settings.get("dataset"), dataset_description=settings.get("dataset_description"),
+        steps=info["step"], which=info["which"], weights=weights, trained_steps=summary.get("steps"),
+        images_seen=summary.get("images_seen"), measured=_measurements(run, summary, settings),
+    )  # fmt: skip
+    write_json(card_path(path), card)
+    return path, len(tensors), card
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> FlowPlusPlus:
+    """The model of an exported ``.safetensors`` file (config from its metadata), in eval mode."""
+    return load_with_metadata(path, device)[0]
+
+
+def load_with_metadata(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[FlowPlusPlus, dict]:
+    """:func:`load`, and the file's metadata (step, which weights, ...)."""
+    st = _safetensors()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        with st.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated file, another format: safetensors' own errors
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    if meta.get("format") != "flowpp" or "config" not in meta:
+        raise CheckpointError(f"{path} holds no flowpp metadata: not exported by `flowpp export`")
+    version = meta.get("flowpp_export_version", EXPORT_VERSION)
+    if version != EXPORT_VERSION:
+        raise CheckpointError(f"{path} was exported in layout version {version}; this flowpp reads {EXPORT_VERSION}")
+    try:
+        config = FlowConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config metadata is not a valid flowpp config ({e})") from e
+    model = FlowPlusPlus(config)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit config {config.name!r}: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval(), meta

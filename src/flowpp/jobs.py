@@ -20,7 +20,7 @@ from .data import DATASET_NAMES, load_dataset, match_levels
 from .errors import UsageError
 from .evaluate import evaluate_bpd
 from .images import save_grid, to_nchw, to_nhwc
-from .model import FlowPlusPlus, count_parameters
+from .model import count_parameters
 from .runs import RunDir
 from .train import TrainSettings, train
 
@@ -123,12 +123,29 @@ def train_job(
     return summary
 
 
-def _load(run: str, device: str, compile: bool, log=None) -> tuple[FlowPlusPlus, dict, torch.device]:
+def _load(run: str, device: str, compile: bool, which: str | None = None, log=None):
+    """(model, info, device) from a run directory or an exported .safetensors file; says which weights."""
     dev = D.resolve_device(device)
-    model, info = RunDir(run).load_model(dev, log=log)
+    if Path(run).is_file():
+        from .export import load_with_metadata
+
+        if which == "last":
+            raise UsageError(f"{run} is an exported file: it holds one set of weights; drop --weights last")
+        model, meta = load_with_metadata(run, dev)
+        info = {"checkpoint": str(run), "step": meta.get("step"), "which": f"exported ({meta.get('which', '?')})"}
+    else:
+        model, info = RunDir(run).load_model(dev, log=log, which=which)
+    print(f"weights: {info['which']}, step {info['step']} ({info['checkpoint']})", file=sys.stderr)
     if compile:
         model.compile_networks()
     return model, info, dev
+
+
+def _eval_file(run: str, data: str, split: str, samples: int) -> Path:
+    if Path(run).is_file():  # beside an exported file: model.eval-<data>-<split>-S<S>.json
+        named = RunDir(Path(run).parent).eval_file(data, split, samples).name
+        return Path(run).with_name(f"{Path(run).stem}.{named}")
+    return RunDir(run).eval_file(data, split, samples)
 
 
 def eval_job(
@@ -145,9 +162,10 @@ def eval_job(
     out: str | None = None,
     data_dir: str | None = None,
     download: bool = True,
+    which: str | None = None,
 ) -> dict:
     """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned."""
-    model, info, _ = _load(run, device, compile, log=print)
+    model, info, _ = _load(run, device, compile, which, log=print)
     ds = match_levels(
         load_dataset(data, split, data_dir=data_dir, download=download), model.config.num_levels, log=print
     )
@@ -167,13 +185,13 @@ def eval_job(
         run=str(run),
         checkpoint=info["checkpoint"],
         step=info["step"],
-        weights="ema",
+        weights=info["which"],
         data=str(data),
         data_description=ds.description,
         split=split,
         config=model.config.name,
     )
-    path = Path(out) if out else RunDir(run).eval_file(data, split, samples)
+    path = Path(out) if out else _eval_file(run, data, split, samples)
     write_json(path, res)
     line = f"{res['n_images']} images: {res['bpd']:.4f} +- {res['bpd_se']:.4f} bits/dim (single sample)"
     if "iw_bpd" in res:
@@ -195,11 +213,12 @@ def sample_job(
     batch_size: int = 64,
     device: str = "auto",
     compile: bool = False,
+    which: str | None = None,
 ) -> torch.Tensor:
     """Samples of a run's EMA weights as a PNG grid (and optionally an .npz); returns them."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {temperature}")
-    model, info, dev = _load(run, device, compile)
+    model, info, dev = _load(run, device, compile, which)
     gen = torch.Generator(device=dev).manual_seed(seed)
     samples = torch.cat(
         [
@@ -224,11 +243,12 @@ def score_job(
     device: str = "auto",
     compile: bool = False,
     as_json: bool = False,
+    which: str | None = None,
 ) -> list[dict]:
     """Bits/dim of each image file under a run's EMA weights, printed as a table or JSON."""
     from .score import score_files
 
-    model, info, _ = _load(run, device, compile)
+    model, info, _ = _load(run, device, compile, which)
     rows = score_files(model, list(images), samples=samples, seed=seed)
     if as_json:
         print(
@@ -244,11 +264,12 @@ def score_job(
     return rows
 
 
-def export_job(*, run: str, out: str, weights: str = "ema") -> Path:
-    from .export import export_safetensors
+def export_job(*, run: str, out: str, raw: bool = False, which: str | None = None) -> Path:
+    """The run's best (or last) EMA weights, or its raw weights, as safetensors with a model card."""
+    from .export import card_path, export_safetensors
 
-    path, n = export_safetensors(run, out, weights=weights)
-    print(f"wrote {path} ({n} tensors)")
+    path, n, card = export_safetensors(run, out, weights="model" if raw else "ema", which=which)
+    print(f"wrote {path} ({n} tensors; {card['which']} weights, step {card['steps']}) and {card_path(path)}")
     return path
 
 

@@ -168,6 +168,13 @@ class FlowPlusPlus(nn.Module):
             self.dequantizer = VariationalDequantizer(context_net, Sequential(*dq_layers, Sigmoid()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    @classmethod
+    def from_pretrained(cls, path, device="cpu") -> "FlowPlusPlus":
+        """The model of an exported ``.safetensors`` file, in eval mode (:func:`flowpp.load`)."""
+        from .export import load
+
+        return load(path, device)
+
     def set_autocast(self, dtype: torch.dtype | None) -> "FlowPlusPlus":
         """Run the conditioner and context networks under autocast (e.g. ``torch.bfloat16`` on
         CUDA); ``None`` turns it off. The mixture CDF math and the log-determinants stay in the

@@ -6,7 +6,8 @@
         settings.json      the training settings
         metrics.csv        learning curve (flowpp.train.METRIC_FIELDS)
         summary.json       written when training ends
-        checkpoints/       checkpoint-<step>.pt, each with a .sha256 beside it
+        checkpoints/       checkpoint-<step>.pt, each with a .sha256 beside it (the newest few)
+        best.pt            the weights of the best evaluation so far (never rotated away)
         samples/           step-<step>.png, a sample grid per evaluation
         tensorboard/       events, when tensorboard is installed
         eval-<data>-<split>-S<samples>.json   written by `flowpp eval`
@@ -17,12 +18,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from .atomic import atomic_write_text
-from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, remove_checkpoint, save_checkpoint
+from .atomic import atomic_write_text, json_text
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from .configs import FlowConfig
 from .errors import RunError
 from .model import FlowPlusPlus
@@ -30,10 +38,6 @@ from .model import FlowPlusPlus
 __all__ = ["RunDir", "load_run", "run_config"]
 
 Log = Callable[[str], None]
-
-
-def _json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str) + "\n"
 
 
 class RunDir:
@@ -46,6 +50,7 @@ class RunDir:
         self.metrics_file = self.path / "metrics.csv"
         self.summary_file = self.path / "summary.json"
         self.checkpoints = self.path / "checkpoints"
+        self.best_file = self.path / "best.pt"
         self.samples = self.path / "samples"
         self.tensorboard = self.path / "tensorboard"
 
@@ -82,7 +87,7 @@ class RunDir:
     # --- config, settings, summary ------------------------------------------------------------------
 
     def write_config(self, config: FlowConfig) -> None:
-        atomic_write_text(self.config_file, _json_text(config.to_dict()))
+        atomic_write_text(self.config_file, json_text(config.to_dict()))
 
     def read_config(self) -> FlowConfig:
         if not self.config_file.is_file():
@@ -93,7 +98,7 @@ class RunDir:
             raise RunError(f"{self.config_file} is not a valid flowpp config: {e}") from e
 
     def write_settings(self, settings: dict) -> None:
-        atomic_write_text(self.settings_file, _json_text(settings))
+        atomic_write_text(self.settings_file, json_text(settings))
 
     def read_settings(self) -> dict:
         """The saved settings, or {} for a run that has none yet."""
@@ -105,7 +110,7 @@ class RunDir:
             raise RunError(f"{self.settings_file} is not valid JSON: {e}") from e
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_text(self.summary_file, _json_text(summary))
+        atomic_write_text(self.summary_file, json_text(summary))
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -116,19 +121,31 @@ class RunDir:
             remove_checkpoint(old)
         return path
 
+    def save_best(self, state: dict) -> Path:
+        return save_checkpoint(self.best_file, state)
+
     def latest_checkpoint(self, log: Log | None = None) -> tuple[Path, dict] | None:
         return latest_checkpoint(self.checkpoints, log=log)
 
     def load_model(
-        self, device: torch.device | str = "cpu", weights: str = "ema", log: Log | None = None
+        self, device: torch.device | str = "cpu", weights: str = "ema", log: Log | None = None, which: str | None = None
     ) -> tuple[FlowPlusPlus, dict]:
-        """The model of the newest readable checkpoint (EMA weights by default), in eval mode."""
+        """A model of the run in eval mode: ``which`` = "best" (best.pt), "last" (the newest readable
+        checkpoint) or None (best when the run has one); EMA weights unless ``weights="model"``."""
         if not self.path.is_dir():
             raise RunError(f"run directory {self.path} does not exist")
-        found = self.latest_checkpoint(log=log)
-        if found is None:
-            raise CheckpointError(f"no readable checkpoint in {self.checkpoints}")
-        path, ck = found
+        if which not in (None, "best", "last"):
+            raise RunError(f"weights {which!r}: expected 'best' or 'last'")
+        which = which or ("best" if self.best_file.is_file() else "last")
+        if which == "best":
+            if not self.best_file.is_file():
+                raise RunError(f"{self.path} has no best model yet (best.pt is written at its first evaluation)")
+            path, ck = self.best_file, load_checkpoint(self.best_file)
+        else:
+            found = self.latest_checkpoint(log=log)
+            if found is None:
+                raise CheckpointError(f"no readable checkpoint in {self.checkpoints}")
+            path, ck = found
         config = FlowConfig.from_dict(ck["config"])
         model = FlowPlusPlus(config)
         try:
@@ -138,7 +155,8 @@ class RunDir:
                 f"checkpoint {path} does not fit config {config.name!r}: {str(e).splitlines()[0]}"
             ) from e
         model.to(device).eval()
-        info = {"checkpoint": str(path), "step": ck.get("train_state", {}).get("step"), "weights": weights}
+        info = {"checkpoint": str(path), "step": ck.get("train_state", {}).get("step"), "weights": weights,
+                "which": which}  # fmt: skip
         return model, info
 
 
@@ -147,6 +165,10 @@ def run_config(run_dir: str | os.PathLike) -> FlowConfig:
 
 
 def load_run(
-    run_dir: str | os.PathLike, device: torch.device | str = "cpu", weights: str = "ema", log: Log | None = None
+    run_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    weights: str = "ema",
+    log: Log | None = None,
+    which: str | None = None,
 ) -> tuple[FlowPlusPlus, dict]:
-    return RunDir(run_dir).load_model(device, weights=weights, log=log)
+    return RunDir(run_dir).load_model(device, weights=weights, log=log, which=which)

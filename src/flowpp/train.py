@@ -99,6 +99,7 @@ class TrainSettings:
     eval_batch_size: int = 256
     num_samples: int = 64
     keep_checkpoints: int = 2
+    patience: int | None = None  # stop after this many evaluations in a row without a new best
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last checkpoint
     progress: bool = True
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
@@ -130,7 +131,9 @@ class TrainState:
     skipped_steps: int = 0
     rollbacks: int = 0
     best_valid_bpd: float | None = None
+    best_step: int | None = None
     last_valid_bpd: float | None = None
+    evals_since_best: int = 0  # evaluations in a row without a new best (early stopping)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,10 +143,14 @@ class TrainState:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def record_valid(self, bpd: float) -> None:
+    def record_valid(self, bpd: float) -> bool:
+        """Note an evaluation; True when it is the best so far."""
         self.last_valid_bpd = bpd
         if self.best_valid_bpd is None or bpd < self.best_valid_bpd:
-            self.best_valid_bpd = bpd
+            self.best_valid_bpd, self.best_step, self.evals_since_best = bpd, self.step, 0
+            return True
+        self.evals_since_best += 1
+        return False
 
 
 # --- data order, noise and the schedule ---------------------------------------------------------
@@ -306,6 +313,14 @@ class CheckpointKeeper:
             world_size=self.dist.world_size,
         )
         return self.run.save_checkpoint(state.step, ck, self.keep)
+
+    def save_best(self, model: FlowPlusPlus, ema: EMA, state: TrainState) -> Path | None:
+        """Keep the weights of the best evaluation so far (best.pt: outside the rotation)."""
+        if not self.dist.is_main:
+            return None
+        ck = dict(config=self.config.to_dict(), model=model.state_dict(), ema=ema.model.state_dict(),
+                  train_state=state.to_dict(), valid_bpd=state.best_valid_bpd)  # fmt: skip
+        return self.run.save_best(ck)
 
     def _load_latest(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer) -> tuple[Path, dict] | None:
         # Every rank reads the same file (the run directory is shared), so optimizer states agree.
@@ -633,7 +648,8 @@ def train(
             if eval_timer.due(s) and not last:
                 result = evaluate_now(t.ema.model, valid_x, settings, t.run, s, dist)
                 eval_timer.reset()
-                state.record_valid(result["valid_bpd"])
+                if state.record_valid(result["valid_bpd"]):
+                    t.keeper.save_best(t.model, t.ema, state)
                 row = {**(row or dict(step=s, images_seen=state.images_seen, lr=lr)), **result}
                 say(f"step {s}: valid bpd {result['valid_bpd']:.4f} (EMA), inverse error {result['inverse_error']:.2e}")
             state.wall_seconds = time.monotonic() - wall_start
@@ -642,6 +658,10 @@ def train(
             if ckpt_timer.due(s) and not last:
                 ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state)
                 ckpt_timer.reset()
+            if settings.patience and state.evals_since_best >= settings.patience:
+                say(f"stopping early: no new best in {state.evals_since_best} evaluations ({state.best_valid_bpd:.4f})")
+                stop_reason = "patience"
+                break
 
         if bar is not None:
             bar.close()
@@ -663,7 +683,8 @@ def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Pa
     state, final = t.state, {}
     if stop_reason != "signal":
         final = evaluate_now(t.ema.model, valid_x, t.settings, t.run, state.step, t.dist)
-        state.record_valid(final["valid_bpd"])
+        if state.record_valid(final["valid_bpd"]):
+            t.keeper.save_best(t.model, t.ema, state)
         t.metrics.write(
             dict(step=state.step, images_seen=state.images_seen, skipped_steps=state.skipped_steps,
                  rollbacks=state.rollbacks, train_seconds=state.train_seconds,
@@ -674,6 +695,7 @@ def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Pa
         config=t.config.name, dataset=t.settings.dataset, dataset_description=t.settings.dataset_description,
         parameters=sum(p.numel() for p in t.model.parameters()), steps=state.step, images_seen=state.images_seen,
         train_seconds=state.train_seconds, final_valid_bpd=state.last_valid_bpd, best_valid_bpd=state.best_valid_bpd,
+        best_step=state.best_step, best_checkpoint=str(t.run.best_file) if t.run.best_file.exists() else None,
         final_inverse_error=final.get("inverse_error"), skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
         stopped_by=stop_reason, checkpoint=str(ckpt_path) if ckpt_path else None,
         resumed_from=str(t.resumed_from) if t.resumed_from else None, world_size=t.dist.world_size,

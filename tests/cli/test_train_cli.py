@@ -146,7 +146,24 @@ def test_refuses_to_overwrite_and_checks_config_on_resume(tmp_path, tiny_npz, ca
 
 def test_eval_single_and_importance_weighted(trained, tiny_npz, tmp_path):
     out = tmp_path / "eval.json"
-    assert run("eval", "--run", trained, "--data", tiny_npz, "--split", "test", "--samples", 4, "--out", out) == 0
+    assert (
+        run(
+            "eval",
+            "--run",
+            trained,
+            "--data",
+            tiny_npz,
+            "--split",
+            "test",
+            "--samples",
+            4,
+            "--out",
+            out,
+            "--weights",
+            "last",
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["n_images"] == 24 and res["samples"] == 4 and res["split"] == "test"
     assert res["iw_bpd"] <= res["bpd"]  # log-mean-exp >= mean, image by image
