@@ -4,9 +4,11 @@ The pieces: :class:`TrainSettings` (everything about a run but the model config)
 :class:`TrainState` (the counters a checkpoint saves), :class:`EMA`, :func:`learning_rate_now`
 (the schedule with its re-warm after a rollback), :func:`train_step` (forward, backward,
 clipping), :func:`agree` (the multi-process step/skip/stop vote), :class:`CheckpointKeeper`
-(save, resume, roll back), :class:`MetricsWriter` (metrics.csv and TensorBoard), and
-:func:`evaluate_now` (the sharded evaluator of :mod:`flowpp.evaluate`, plus samples and the
-inverse error). :func:`train` puts them together.
+(save, resume, roll back, and keep the best model), :class:`MetricsWriter` (metrics.csv and
+TensorBoard), and :func:`evaluate_now` (the sharded evaluator of :mod:`flowpp.evaluate`, plus
+samples and the inverse error). :func:`start_training` sets up, :func:`train` is the loop
+(stopping at the budget, on a signal, or after ``patience`` evaluations without a new best),
+:func:`finish_training` evaluates and writes the summary.
 
 Determinism: the data order depends only on (seed, epoch), and the dequantization noise and
 dropout of step k only on (seed, k), so a run resumed from a checkpoint repeats exactly what
