@@ -9,6 +9,7 @@ DEMO_DIR ?= runs/demo
 # A step budget keeps the result the same on fast and slow machines (digits overfits with more).
 DEMO_STEPS ?= 1200
 DEMO_MINUTES ?= 6
+DEMO_SEED ?= 0
 
 .PHONY: venv demo test lint format clean-demo
 
@@ -24,7 +25,7 @@ demo: venv
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/flowpp train --config digits --data digits --out $(DEMO_DIR) \
 		--max-steps $(DEMO_STEPS) --max-minutes $(DEMO_MINUTES) --eval-every 150 --eval-images 144 \
-		--no-progress --log-every 50
+		--seed $(DEMO_SEED) --no-progress --log-every 50
 	$(VENV)/bin/flowpp eval --run $(DEMO_DIR) --data digits --split test --samples 16
 	$(VENV)/bin/flowpp sample --run $(DEMO_DIR) -n 64 --scale 4 --out $(DEMO_DIR)/samples.png
 	@echo
