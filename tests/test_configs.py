@@ -212,3 +212,28 @@ def test_configs_written_before_grad_clip_units_keep_the_bits_per_dim_scale():
     assert FlowConfig.from_dict(d).grad_clip_units == "bpd"
     with pytest.raises(ValueError, match="grad_clip_units='nat'"):
         flowpp.get_config("tiny").replace(grad_clip_units="nat")
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        (dict(filters=-3), "filters=-3, expected a whole number from 1"),
+        (dict(filters="abc"), "filters='abc'"),
+        (dict(filters=10**12), "filters=1000000000000"),
+        (dict(filters=8.0), "filters=8.0"),
+        (dict(components=0), "components=0"),
+        (dict(image_shape=5), "bad image_shape 5"),
+        (dict(lr="fast"), "lr='fast', expected a number"),
+        (dict(lr=float("nan")), "lr=nan"),
+        (dict(dropout=1.5), "dropout=1.5"),
+        (dict(grad_clip=0), "grad_clip=0"),
+        (dict(adam_betas=[0.9]), "adam_betas"),
+        (dict(pointwise="yes"), "pointwise='yes', expected true or false"),
+        (dict(layout="stripe x4"), "layout"),
+    ],
+)
+def test_values_a_user_can_type_are_checked_with_one_clear_error(changes, fragment):
+    from flowpp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        flowpp.get_config("tiny").with_changes(changes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,6 +91,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(f"checkpoint digest {sidecar} is unreadable") from e
         if _sha256(path) != expected:
             raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match {sidecar.name}")
+    else:  # without a digest, at least the zip container's CRCs (torch.load does not check them)
+        _check_zip_crcs(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global, ...
@@ -102,7 +105,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key in ("config", "model"):
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'")
+    if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"checkpoint {path}: 'config' and 'model' must be dictionaries")
     return state
+
+
+def _check_zip_crcs(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or not a flowpp checkpoint ({e})") from e
+    except Exception as e:  # zlib errors of a damaged compressed member
+        raise CheckpointError(f"checkpoint {path} is corrupted ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: member {bad} fails its CRC check (and it has no "
+                              f"{digest_path(path).name} digest)")  # fmt: skip
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

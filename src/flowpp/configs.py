@@ -116,6 +116,7 @@ class FlowConfig:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
+        self._check_values()
         c, h, w = self.image_shape
         if min(c, h, w) < 1 or self.num_levels < 2:
             raise ConfigError(
@@ -136,6 +137,35 @@ class FlowConfig:
         ):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"config {self.name!r}: {key}={getattr(self, key)!r}, expected one of {allowed}")
+
+    def _check_values(self) -> None:
+        """Types and ranges of the numeric fields, so that a typo in a config file or a --set is
+        a one-line ConfigError here rather than a failure deep inside model building."""
+
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"config {self.name!r}: {key}={getattr(self, key)!r}, expected {expected}")
+
+        shape = self.image_shape
+        if not (isinstance(shape, tuple) and len(shape) == 3 and all(_is_int(v, 1, 65536) for v in shape)):
+            raise ConfigError(f"config {self.name!r}: bad image_shape {shape!r}, expected (C, H, W): three whole "
+                              "numbers from 1 to 65536")  # fmt: skip
+        for key, (lo, hi) in _INT_RANGES.items():
+            if not _is_int(getattr(self, key), lo, hi):
+                raise bad(key, f"a whole number from {lo} to {hi}")
+        for key, (lo, hi, lo_open) in _FLOAT_RANGES.items():
+            v = getattr(self, key)
+            if not (_is_real(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+                raise bad(key, f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
+        if not (isinstance(self.adam_betas, tuple) and len(self.adam_betas) == 2
+                and all(_is_real(b) and 0 <= b < 1 for b in self.adam_betas)):  # fmt: skip
+            raise bad("adam_betas", "two numbers in [0, 1)")
+        for key in ("pointwise", "weight_norm", "layer_norm", "final_concat_elu", "mixture_float64",
+                    "dequant_frozen_pos_emb", "context_layer_norm", "ema_warmup", "official"):  # fmt: skip
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false")
+        if not (isinstance(self.layout, tuple) and isinstance(self.dequant_layout, tuple)
+                and all(isinstance(t, str) for t in self.layout + self.dequant_layout)):  # fmt: skip
+            raise bad("layout", "a list of stages such as 'stripe x4'")
 
     @property
     def num_dims(self) -> int:
@@ -173,7 +203,7 @@ class FlowConfig:
         # Configs written before grad_clip_units existed clipped the bits/dim gradient.
         d.setdefault("grad_clip_units", "bpd")
         for key in ("image_shape", "layout", "dequant_layout", "adam_betas"):
-            if key in d:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
 
@@ -198,6 +228,27 @@ class FlowConfig:
             for k in a
             if k not in TRAINING_FIELDS and k not in ("name", "notes", "official") and a[k] != b[k]
         ]
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Bounds that no working config is near; they turn typos (negative, huge) into clear errors.
+_INT_RANGES = {
+    "num_levels": (2, 65536), "filters": (1, 65536), "blocks": (1, 1024), "components": (1, 1024),
+    "heads": (1, 1024), "dequant_filters": (1, 65536), "dequant_blocks": (1, 1024),
+    "dequant_components": (1, 1024), "context_channels": (1, 65536), "context_blocks": (0, 1024),
+    "batch_size": (1, 1 << 20), "init_batch_size": (1, 1 << 20), "warmup_steps": (0, 1 << 40),
+}  # fmt: skip
+_FLOAT_RANGES = {  # key: (low, high, low excluded)
+    "dropout": (0.0, 0.99, False), "lr": (0.0, 10.0, False), "min_lr": (0.0, 10.0, False),
+    "ema_decay": (0.0, 1.0, False), "grad_clip": (0.0, 1e30, True), "adam_eps": (0.0, 1.0, False),
+}  # fmt: skip
 
 
 # Fields of the training recipe: a run may be resumed with other values for these.

@@ -147,6 +147,8 @@ class RunDir:
                 raise CheckpointError(f"no readable checkpoint in {self.checkpoints}")
             path, ck = found
         config = FlowConfig.from_dict(ck["config"])
+        if weights not in ck:
+            raise CheckpointError(f"checkpoint {path} holds no '{weights}' weights")
         model = FlowPlusPlus(config)
         try:
             model.load_state_dict(ck[weights])

@@ -330,6 +330,9 @@ class CheckpointKeeper:
         if found is None:
             return None
         path, ck = found
+        missing = [k for k in ("ema", "optimizer", "train_state") if k not in ck]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} cannot resume training: it lacks {', '.join(missing)}")
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])

@@ -290,3 +290,43 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_npz):
     assert summary["stopped_by"] == "signal"
     ck = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
     assert ck["train_state"]["step"] == summary["steps"] > 0
+
+
+def test_a_damaged_checkpoint_without_its_digest_is_refused(tmp_path):
+    state = {"config": flowpp.get_config("tiny").to_dict(), "model": {"w": torch.arange(4096.0)}}
+    path = save_checkpoint(tmp_path / "checkpoint-00000001.pt", state)
+    (tmp_path / "checkpoint-00000001.pt.sha256").unlink()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], state["model"]["w"])  # intact: loads
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.arange(4096.0).numpy().tobytes()[4000:4016])
+    assert at > 0
+    data[at] ^= 0x01  # one flipped bit inside the weight tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its CRC check"):
+        load_checkpoint(path)
+
+
+def test_bad_values_and_incomplete_checkpoints_are_one_line_errors(tmp_path, tiny_npz, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(tmp_path / "x"), "--max-steps", "1",
+                 "--set", "filters=-3"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip() == (
+        "flowpp: error: config 'tiny': filters=-3, expected a whole number from 1 to 65536"
+    )
+    assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "2"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, lr="fast")))
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--no-progress"]) == 2
+    assert "lr='fast'" in capsys.readouterr().err
+    (out / "config.json").write_text(json.dumps(cfg))
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    ck = load_checkpoint(newest)
+    del ck["optimizer"]
+    save_checkpoint(newest, {k: v for k, v in ck.items() if k not in ("format", "version")})
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--no-progress"]) == 2
+    assert "cannot resume training: it lacks optimizer" in capsys.readouterr().err
+    del ck["ema"]
+    save_checkpoint(newest, {k: v for k, v in ck.items() if k not in ("format", "version")})
+    (out / "best.pt").unlink()
+    assert main(["sample", "--run", str(out), "-n", "1", "--out", str(tmp_path / "s.png")]) == 2
+    assert "holds no 'ema' weights" in capsys.readouterr().err
