@@ -40,6 +40,26 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _minutes(text: str, allow_zero: bool = False) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not ((v > 0 or (allow_zero and v == 0)) and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a {'non-negative' if allow_zero else 'positive'} number of "
+                                         f"minutes, got {text}")  # fmt: skip
+    return v
+
+
+def _positive_float(text: str) -> float:
+    return _minutes(text)
+
+
+def _minutes_or_off(text: str) -> float:
+    """Minutes between events; 0 turns them off."""
+    return _minutes(text, allow_zero=True)
+
+
 def _parents() -> dict[str, argparse.ArgumentParser]:
     """Option groups that several commands share, each declared once."""
     runtime = argparse.ArgumentParser(add_help=False)
@@ -132,7 +152,7 @@ def _add_train(sub, parents) -> None:
     g.add_argument("--max-steps", type=_positive_int, default=d("max_steps"), help="stop after this many steps")
     g.add_argument(
         "--max-minutes",
-        type=float,
+        type=_positive_float,
         default=d("max_minutes"),
         help="stop after this much training time (evaluation and checkpoints not counted)",
     )
@@ -154,7 +174,7 @@ def _add_train(sub, parents) -> None:
         "--eval-every", type=_positive_int, default=d("eval_every"), help="evaluate every N steps (default: at the end)"
     )
     g.add_argument(
-        "--eval-minutes", type=float, default=d("eval_minutes"), help="evaluate every M minutes of wall-clock"
+        "--eval-minutes", type=_minutes_or_off, default=d("eval_minutes"), help="evaluate every M minutes of wall-clock"
     )
     g.add_argument(
         "--eval-images", type=_positive_int, default=d("eval_images"), help="validation images per evaluation"
@@ -163,7 +183,7 @@ def _add_train(sub, parents) -> None:
         "--checkpoint-every", type=_positive_int, default=d("checkpoint_every"), help="checkpoint every N steps"
     )
     g.add_argument(
-        "--checkpoint-minutes", type=float, default=d("checkpoint_minutes"), help="checkpoint every M minutes"
+        "--checkpoint-minutes", type=_minutes_or_off, default=d("checkpoint_minutes"), help="checkpoint every M minutes"
     )
     g.add_argument(
         "--keep-checkpoints",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,6 +142,14 @@ def _load(run: str, device: str, compile: bool, which: str | None = None, log=No
     return model, info, dev
 
 
+def _writable(folder: Path) -> bool:
+    """Whether files can be written in ``folder`` (or created under its nearest existing parent)."""
+    folder = folder.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
 def _eval_file(run: str, data: str, split: str, samples: int) -> Path:
     if Path(run).is_file():  # beside an exported file: model.eval-<data>-<split>-S<S>.json
         named = RunDir(Path(run).parent).eval_file(data, split, samples).name
@@ -165,6 +174,9 @@ def eval_job(
     which: str | None = None,
 ) -> dict:
     """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned."""
+    path = Path(out) if out else _eval_file(run, data, split, samples)
+    if not _writable(path.parent):
+        raise UsageError(f"cannot write the result to {path}: its folder is not writable (choose --out)")
     model, info, _ = _load(run, device, compile, which, log=print)
     ds = match_levels(
         load_dataset(data, split, data_dir=data_dir, download=download), model.config.num_levels, log=print
@@ -191,7 +203,6 @@ def eval_job(
         split=split,
         config=model.config.name,
     )
-    path = Path(out) if out else _eval_file(run, data, split, samples)
     write_json(path, res)
     line = f"{res['n_images']} images: {res['bpd']:.4f} +- {res['bpd_se']:.4f} bits/dim (single sample)"
     if "iw_bpd" in res:

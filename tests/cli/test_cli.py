@@ -59,3 +59,22 @@ def test_the_readme_library_example_runs():
     assert scope["log_p"].shape == scope["bpd"].shape == (scope["x"].shape[0],)
     assert scope["samples"].shape[1:] == (3, 32, 32)
     assert (scope["y"] - (scope["x"] + 0.5)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("flag, value", [("--max-minutes", "-1"), ("--max-minutes", "0"), ("--eval-minutes", "-2"),
+                                         ("--checkpoint-minutes", "abc")])  # fmt: skip
+def test_minutes_must_make_sense(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--out", "r", flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--out", "r", "--checkpoint-minutes", "0"]).checkpoint_minutes == 0
+
+
+def test_eval_refuses_an_unwritable_destination_before_computing(tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("evaluated before checking the destination")
+
+    monkeypatch.setattr(jobs, "evaluate_bpd", never)
+    monkeypatch.setattr(jobs.os, "access", lambda *a: False)
+    assert main(["eval", "--run", str(tmp_path), "--data", "digits", "--out", str(tmp_path / "r.json")]) == 2
+    assert "not writable" in capsys.readouterr().err
