@@ -55,3 +55,19 @@ def test_config_settings_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         run.load_model()
     assert issubclass(RunError, FlowppError) and issubclass(CheckpointError, FlowppError)
+
+
+def test_one_writer_at_a_time(tmp_path):
+    first = RunDir(tmp_path / "r")
+    first.create(resume=False)
+    (first.checkpoints).mkdir()
+    in_flight = first.checkpoints / ".checkpoint-00000005.pt.abc.tmp"
+    in_flight.write_text("being written by the live run")
+    second = RunDir(tmp_path / "r")
+    with pytest.raises(RunError, match=r"in use by a running training \(pid \d+\)"):
+        second.create(resume=True)
+    assert in_flight.exists()  # the live run's temporary file was not cleaned up under it
+    first.unlock()
+    second.create(resume=True)
+    assert not in_flight.exists()
+    second.unlock()

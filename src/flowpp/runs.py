@@ -51,6 +51,8 @@ class RunDir:
         self.summary_file = self.path / "summary.json"
         self.checkpoints = self.path / "checkpoints"
         self.best_file = self.path / "best.pt"
+        self.lock_file = self.path / ".lock"
+        self._lock = None
         self.samples = self.path / "samples"
         self.tensorboard = self.path / "tensorboard"
 
@@ -64,16 +66,50 @@ class RunDir:
         tag = Path(str(data)).stem if ("/" in str(data) or "." in str(data)) else str(data)
         return self.path / f"eval-{tag}-{split}-S{samples}.json"
 
+    # --- one writer at a time -------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the run directory for this process: a second training on the same directory (another
+        terminal, a re-submitted job, a --resume beside a live run) is refused, not interleaved.
+        The OS drops the lock when the process ends, however it ends."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no protection
+            return
+        if self._lock is not None:
+            return
+        handle = open(self.lock_file, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunError(f"{self.path} is in use by a running training ({holder}); wait for it to end or "
+                           "choose another --out") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     # --- starting a run -------------------------------------------------------------------------
 
     def create(self, resume: bool) -> None:
-        """Make the directory for a new run (refusing one that holds checkpoints) or for a resume."""
+        """Make the directory for a new run (refusing one that holds checkpoints) or for a resume,
+        and take its lock (:meth:`lock`) for this process."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunError(f"cannot create run directory {self.path}: {e.strerror or e}") from e
         if not os.access(self.path, os.W_OK):
             raise RunError(f"run directory {self.path} is not writable")
+        self.lock()  # before anything is read or cleaned up: a live run's files are never touched
         existing = list_checkpoints(self.checkpoints)
         if existing and not resume:
             raise RunError(

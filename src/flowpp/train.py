@@ -496,9 +496,12 @@ class Trainer:
     state: TrainState
     resumed_from: Path | None
     say: Log
+    train_x: Tensor
 
 
-def start_training(config: FlowConfig, settings: TrainSettings, train_x: Tensor, *, resume: bool, log: Log) -> Trainer:
+def start_training(
+    config: FlowConfig, settings: TrainSettings, run: RunDir, train_x: Tensor, *, resume: bool, log: Log
+) -> Trainer:
     """Join the processes, prepare the run directory, and build the model, optimizer and EMA:
     from the newest checkpoint, or fresh with data-dependent init on rank 0's init batch."""
     device = D.resolve_device(settings.device)
@@ -511,9 +514,8 @@ def start_training(config: FlowConfig, settings: TrainSettings, train_x: Tensor,
             f"number of processes ({dist.world_size})"
         )
     say = log if dist.is_main else (lambda *_: None)
-    run = RunDir(settings.out_dir)
     if dist.is_main:
-        run.create(resume)
+        run.create(resume)  # takes the directory's lock first
     D.barrier(dist)
 
     torch.manual_seed(settings.seed)
@@ -550,7 +552,9 @@ def start_training(config: FlowConfig, settings: TrainSettings, train_x: Tensor,
         f"{len(train_x):,} training images, device {device}, {dist.world_size} process(es), "
         f"global batch {config.batch_size}"
     )
-    return Trainer(config, settings, dist, device, run, model, net, opt, ema, keeper, metrics, state, resumed_from, say)
+    return Trainer(
+        config, settings, dist, device, run, model, net, opt, ema, keeper, metrics, state, resumed_from, say, train_x
+    )
 
 
 class _Window:
@@ -593,7 +597,16 @@ def train(
     config.check_data(valid_x.shape[1:], num_levels or config.num_levels, "validation")
     if not settings.max_steps and not (settings.max_minutes and settings.max_minutes > 0):
         raise UsageError("give --max-steps and/or a positive --max-minutes")
-    t = start_training(config, settings, train_x, resume=resume, log=log)
+    run = RunDir(settings.out_dir)
+    try:
+        return _train_loop(start_training(config, settings, run, train_x, resume=resume, log=log), valid_x, step_hook)
+    finally:
+        run.unlock()
+
+
+def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], Tensor] | None) -> dict:
+    """Steps until the budget, a signal or the patience runs out; then the final checkpoint and evaluation."""
+    config, settings, train_x = t.config, t.settings, t.train_x
     state, dist, say = t.state, t.dist, t.say
     mine = slice(
         dist.rank * config.batch_size // dist.world_size, (dist.rank + 1) * config.batch_size // dist.world_size

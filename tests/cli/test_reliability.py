@@ -330,3 +330,24 @@ def test_bad_values_and_incomplete_checkpoints_are_one_line_errors(tmp_path, tin
     (out / "best.pt").unlink()
     assert main(["sample", "--run", str(out), "-n", "1", "--out", str(tmp_path / "s.png")]) == 2
     assert "holds no 'ema' weights" in capsys.readouterr().err
+
+
+def test_a_second_training_beside_a_live_one_is_refused(tmp_path, tiny_npz, capsys):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "flowpp", "train", *ARGS, "--data", str(tiny_npz), "--out", str(out),
+           "--max-steps", "100000"]  # fmt: skip
+    live = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list_checkpoints(out / "checkpoints"):
+            time.sleep(0.1)
+        assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--no-progress"]) == 2
+        assert "in use by a running training (pid" in capsys.readouterr().err
+        assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "3"]) == 2
+        assert live.poll() is None  # the live run goes on
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.communicate(timeout=120)
+    assert live.returncode == 0
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == "signal"
