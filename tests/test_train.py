@@ -205,3 +205,14 @@ def test_metrics_writer_keeps_the_columns_and_drops_rows_after_a_resumed_checkpo
     MetricsWriter(RunDir(tmp_path / "other"), enabled=False).write(dict(step=1))
     assert not (tmp_path / "other" / "metrics.csv").exists()
     assert np.isfinite(float(lines[2].split(",")[2]))
+
+
+def test_the_metrics_window_counts_finite_steps_and_images():
+    state = TrainState()
+    state.add_step(2.0, 8, 0.5)
+    state.add_step(None, 8, 0.5)  # a skipped step: its images and time count, its loss does not
+    state.add_step(4.0, 8, 1.0)
+    assert TrainState.from_dict(state.to_dict()).close_window() == (3.0, 12.0)  # survives a checkpoint
+    assert state.close_window() == (3.0, 12.0)
+    mean, _ = state.close_window()
+    assert mean != mean  # nan: nothing since the last row

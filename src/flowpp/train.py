@@ -136,6 +136,11 @@ class TrainState:
     best_step: int | None = None
     last_valid_bpd: float | None = None
     evals_since_best: int = 0  # evaluations in a row without a new best (early stopping)
+    # Since the last metrics row (saved, so that the first row after a resume covers the same steps):
+    window_bpd_sum: float = 0.0
+    window_finite_steps: int = 0
+    window_images: int = 0
+    window_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +149,25 @@ class TrainState:
     def from_dict(cls, d: dict) -> "TrainState":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def add_step(self, bpd: float | None, images: int, seconds: float) -> None:
+        """Count a step in the metrics window (``bpd`` None for a skipped step)."""
+        if bpd is not None:
+            self.window_bpd_sum += bpd
+            self.window_finite_steps += 1
+        self.window_images += images
+        self.window_seconds += seconds
+
+    @property
+    def img_per_s(self) -> float:
+        return self.window_images / max(self.window_seconds, 1e-9)
+
+    def close_window(self) -> tuple[float, float]:
+        """(mean train bpd, images/s) of the window, which starts again."""
+        mean = self.window_bpd_sum / self.window_finite_steps if self.window_finite_steps else float("nan")
+        out = (mean, self.img_per_s)
+        self.window_bpd_sum, self.window_finite_steps, self.window_images, self.window_seconds = 0.0, 0, 0, 0.0
+        return out
 
     def record_valid(self, bpd: float) -> bool:
         """Note an evaluation; True when it is the best so far."""
@@ -557,26 +581,6 @@ def start_training(
     )
 
 
-class _Window:
-    """Training loss and throughput since the last metrics row."""
-
-    def __init__(self):
-        self.bpd, self.images, self.seconds = [], 0, 0.0
-
-    def add(self, bpd: float | None, images: int, seconds: float) -> None:
-        self.bpd += [] if bpd is None else [bpd]
-        self.images += images
-        self.seconds += seconds
-
-    @property
-    def img_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
-    @property
-    def mean_bpd(self) -> float:
-        return float(np.mean(self.bpd)) if self.bpd else float("nan")
-
-
 def train(
     config: FlowConfig,
     settings: TrainSettings,
@@ -617,7 +621,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
     ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes)
     bar = _progress_bar(settings, state) if dist.is_main and settings.progress else None
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
-    window, bad_in_row, grad_norm, stop_reason, ckpt_path = _Window(), 0, float("nan"), "budget", None
+    bad_in_row, grad_norm, stop_reason, ckpt_path = 0, float("nan"), "budget", None
 
     with _Stop() as stop:
         stop_agreed = False
@@ -652,17 +656,17 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                     bad_in_row = 0
             dt = time.perf_counter() - t0
             state.train_seconds += dt
-            window.add(global_bpd if finite else None, config.batch_size, dt)
+            state.add_step(global_bpd if finite else None, config.batch_size, dt)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(bpd=f"{global_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{window.img_per_s:.1f}")
+                bar.set_postfix(bpd=f"{global_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{state.img_per_s:.1f}")
 
             s, row, last = state.step, None, progress() >= 1.0
             if s % settings.log_every == 0 or last:
-                row = dict(step=s, images_seen=state.images_seen, train_bpd=window.mean_bpd, lr=lr,
-                           img_per_s=window.img_per_s, grad_norm=grad_norm, skipped_steps=state.skipped_steps,
-                           rollbacks=state.rollbacks, train_seconds=state.train_seconds)  # fmt: skip
-                window = _Window()
+                train_bpd, img_per_s = state.close_window()
+                row = dict(step=s, images_seen=state.images_seen, train_bpd=train_bpd, lr=lr, img_per_s=img_per_s,
+                           grad_norm=grad_norm, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
+                           train_seconds=state.train_seconds)  # fmt: skip
             if eval_timer.due(s) and not last:
                 result = evaluate_now(t.ema.model, valid_x, settings, t.run, s, dist)
                 eval_timer.reset()

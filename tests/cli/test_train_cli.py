@@ -132,6 +132,34 @@ def test_resume_is_exact(tmp_path, tiny_npz):
     assert ta == tb
 
 
+def test_the_first_metrics_row_after_a_resume_covers_the_same_steps(tmp_path, tiny_npz):
+    # Rows every 4 steps, checkpoints every 3; a crash in step 7 resumes from the step-6 checkpoint,
+    # mid-window: the resumed row at step 8 must still average steps 5-8.
+    from flowpp.train import TrainSettings, train
+
+    z = np.load(tiny_npz)
+    data = (z["x_train"], z["x_valid"])
+
+    def settings(out):
+        return TrainSettings(out_dir=str(out), max_steps=8, log_every=4, checkpoint_every=3, checkpoint_minutes=None,
+                             eval_images=8, progress=False, device="cpu")  # fmt: skip
+
+    def crash(step, loss):
+        if step == 6:
+            raise RuntimeError("simulated crash")
+        return loss
+
+    quiet = lambda *_: None  # noqa: E731
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(flowpp.get_config("tiny"), settings(a), *data, log=quiet)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(flowpp.get_config("tiny"), settings(b), *data, log=quiet, step_hook=crash)
+    train(flowpp.get_config("tiny"), settings(b), *data, log=quiet, resume=True)
+    rows_a = {r["step"]: r["train_bpd"] for r in read_metrics(a) if r["train_bpd"]}
+    rows_b = {r["step"]: r["train_bpd"] for r in read_metrics(b) if r["train_bpd"]}
+    assert set(rows_a) == set(rows_b) == {"4", "8"} and rows_b == rows_a
+
+
 def test_refuses_to_overwrite_and_checks_config_on_resume(tmp_path, tiny_npz, capsys):
     out = tmp_path / "run"
     assert run(*TRAIN, "--data", tiny_npz, "--out", out, "--max-steps", 2) == 0
