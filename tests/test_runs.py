@@ -71,3 +71,22 @@ def test_one_writer_at_a_time(tmp_path):
     second.create(resume=True)
     assert not in_flight.exists()
     second.unlock()
+
+
+def test_a_damaged_checkpoint_does_not_take_a_good_ones_place(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (1, 2):
+        run.save_checkpoint(step, {"config": {}, "model": {"w": list(range(100))}}, keep=2)
+    newest = run.checkpoints / "checkpoint-00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:-40])  # damaged after it was written (disk, copy, ...)
+    fresh = RunDir(tmp_path)  # a resumed run: nothing verified yet in this process
+    msgs = []
+    fresh.save_checkpoint(3, {"config": {}, "model": {}}, keep=2, log=msgs.append)
+    kept = sorted(p.name for p in fresh.checkpoints.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000001.pt", "checkpoint-00000003.pt"]  # the good step-1 one stays
+    assert (fresh.checkpoints / "checkpoint-00000002.pt.unreadable").exists() and "damaged" in msgs[0]
+    fresh.save_checkpoint(4, {"config": {}, "model": {}}, keep=2)
+    assert sorted(p.name for p in fresh.checkpoints.glob("checkpoint-*.pt")) == [
+        "checkpoint-00000003.pt",
+        "checkpoint-00000004.pt",
+    ]

@@ -30,6 +30,7 @@ __all__ = [
     "latest_checkpoint",
     "remove_checkpoint",
     "digest_path",
+    "verify_checkpoint",
     "FORMAT",
 ]
 
@@ -78,8 +79,9 @@ def remove_checkpoint(path: Path) -> None:
             pass
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; never unpickles arbitrary objects."""
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless the file's bytes are intact: its SHA-256 digest when it has
+    one, else its zip CRCs. Cheaper than loading (nothing is unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -93,6 +95,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match {sidecar.name}")
     else:  # without a digest, at least the zip container's CRCs (torch.load does not check them)
         _check_zip_crcs(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; never unpickles arbitrary objects."""
+    path = Path(path)
+    verify_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global, ...

@@ -25,11 +25,13 @@ import torch
 from .atomic import atomic_write_text, json_text
 from .checkpoint import (
     CheckpointError,
+    digest_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     remove_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from .configs import FlowConfig
 from .errors import RunError
@@ -53,6 +55,7 @@ class RunDir:
         self.best_file = self.path / "best.pt"
         self.lock_file = self.path / ".lock"
         self._lock = None
+        self._verified: set = set()
         self.samples = self.path / "samples"
         self.tensorboard = self.path / "tensorboard"
 
@@ -97,6 +100,7 @@ class RunDir:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        self._verified: set = set()
 
     # --- starting a run -------------------------------------------------------------------------
 
@@ -150,12 +154,42 @@ class RunDir:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def save_checkpoint(self, step: int, state: dict, keep: int) -> Path:
-        """Write the checkpoint of ``step`` atomically, then keep only the newest ``keep``."""
+    def save_checkpoint(self, step: int, state: dict, keep: int, log: Log | None = None) -> Path:
+        """Write the checkpoint of ``step`` atomically, then keep the newest ``keep`` intact ones.
+
+        A damaged checkpoint never counts toward ``keep`` (it would push a good one out): it is
+        renamed ``<name>.unreadable``, out of the rotation but kept for inspection."""
         path = save_checkpoint(self.checkpoints / f"checkpoint-{step:08d}.pt", state)
-        for old in list_checkpoints(self.checkpoints)[:-keep]:
-            remove_checkpoint(old)
+        self._verified.add(self._identity(path))  # its digest was just taken from the disk
+        intact = 0
+        for old in reversed(list_checkpoints(self.checkpoints)):
+            if intact >= keep:
+                remove_checkpoint(old)
+            elif self._intact(old):
+                intact += 1
+            else:
+                for part in (old, digest_path(old)):
+                    if part.exists():
+                        part.rename(part.with_name(part.name + ".unreadable"))
+                if log:
+                    log(f"{old.name} is damaged: renamed {old.name}.unreadable, not counted among the kept")
         return path
+
+    @staticmethod
+    def _identity(path: Path) -> tuple:
+        st = path.stat()
+        return (path.name, st.st_size, st.st_mtime_ns)
+
+    def _intact(self, path: Path) -> bool:
+        key = self._identity(path)
+        if key in self._verified:  # a file checked once in this process is not hashed again
+            return True
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            return False
+        self._verified.add(key)
+        return True
 
     def save_best(self, state: dict) -> Path:
         return save_checkpoint(self.best_file, state)

@@ -338,7 +338,7 @@ class CheckpointKeeper:
             settings=self.settings,
             world_size=self.dist.world_size,
         )
-        return self.run.save_checkpoint(state.step, ck, self.keep)
+        return self.run.save_checkpoint(state.step, ck, self.keep, log=self.log)
 
     def save_best(self, model: FlowPlusPlus, ema: EMA, state: TrainState) -> Path | None:
         """Keep the weights of the best evaluation so far (best.pt: outside the rotation)."""
