@@ -69,6 +69,11 @@ def resolve_train_config(
     return resolved
 
 
+def _hwc(config: FlowConfig) -> tuple[int, int, int]:
+    c, h, w = config.image_shape
+    return (h, w, c)
+
+
 def _default_dataset(config: FlowConfig) -> str | None:
     for name in (config.name, config.name.split("-")[0]):
         if name in DATASET_NAMES:
@@ -105,10 +110,9 @@ def train_job(
         return resolved
     if settings.max_steps is None and settings.max_minutes is None:
         raise UsageError("give --max-steps and/or --max-minutes")
-    train_set = match_levels(
-        load_dataset(data, settings.train_split, data_dir=data_dir, download=download), config.num_levels, log=print
-    )
-    valid_set = match_levels(load_dataset(data, valid_split, data_dir=data_dir, download=download), config.num_levels)
+    load = dict(data_dir=data_dir, download=download, expect_hwc=_hwc(config))
+    train_set = match_levels(load_dataset(data, settings.train_split, **load), config.num_levels, log=print)
+    valid_set = match_levels(load_dataset(data, valid_split, **load), config.num_levels)
     print(
         f"data: {train_set.description}: {len(train_set):,} {settings.train_split} / {len(valid_set):,} "
         f"{valid_split} images"
@@ -179,7 +183,9 @@ def eval_job(
         raise UsageError(f"cannot write the result to {path}: its folder is not writable (choose --out)")
     model, info, _ = _load(run, device, compile, which, log=print)
     ds = match_levels(
-        load_dataset(data, split, data_dir=data_dir, download=download), model.config.num_levels, log=print
+        load_dataset(data, split, data_dir=data_dir, download=download, expect_hwc=_hwc(model.config)),
+        model.config.num_levels,
+        log=print,
     )
     if model.config.official and samples < PAPER_EVAL_SAMPLES:
         print(

@@ -100,3 +100,18 @@ def test_celeba_errors_name_the_file_and_the_problem(data_dir, small_celeba):
     np.save(root / "celeba_full_64x64_5bit.npy", np.zeros((4, 64, 64, 3), np.uint8))
     with pytest.raises(DatasetError, match="need more than 5"):
         load_dataset("celeba64-5bit", "train", data_dir=data_dir, log=None)
+
+
+def test_an_npz_of_the_wrong_image_shape_is_refused_before_decompressing(tmp_path, monkeypatch):
+    from flowpp.data import formats
+
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, x_train=np.zeros((300, 256, 256, 3), np.uint8), x_test=np.zeros((1, 8, 8, 3), np.uint8))
+    assert bomb.stat().st_size < 1_000_000  # 59 MB declared inside
+
+    def never(self, key):
+        raise AssertionError(f"{key} was decompressed")
+
+    monkeypatch.setattr(formats.NpzReader, "read", never)
+    with pytest.raises(DatasetError, match=r"\(H, W, C\) = \(256, 256, 3\), but the model expects \(8, 8, 3\)"):
+        load_dataset(str(bomb), "train", log=None, expect_hwc=(8, 8, 3))

@@ -576,7 +576,15 @@ def _load_digits(split: str) -> tuple:
 # ---------------------------------------------------------------------------
 
 
-def _npz_images(z: NpzReader, path: Path, key: str) -> np.ndarray:
+def _npz_images(z: NpzReader, path: Path, key: str, expect_hwc: Optional[tuple] = None) -> np.ndarray:
+    if expect_hwc is not None:  # from the header alone: a wrong (or bomb) array is never decompressed
+        shape, _ = z.info(key)
+        hwc = tuple(shape[1:]) + ((1,) if len(shape) == 3 else ())
+        if hwc != tuple(expect_hwc):
+            h, w, c = expect_hwc
+            raise DatasetError(f"{path}: array {key!r} holds images of shape (H, W, C) = {hwc}, but the model "
+                               f"expects {tuple(expect_hwc)}, i.e. (C, H, W) = {(c, h, w)}; nothing was "
+                               "decompressed")  # fmt: skip
     arr = z.read(key)
     if arr.dtype != np.uint8:
         raise DatasetError(
@@ -591,7 +599,7 @@ def _npz_images(z: NpzReader, path: Path, key: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _load_npz(path: Path, split: str) -> tuple:
+def _load_npz(path: Path, split: str, expect_hwc: Optional[tuple] = None) -> tuple:
     with NpzReader(path) as z:
         num_levels = 256
         if "num_levels" in z:
@@ -610,7 +618,7 @@ def _load_npz(path: Path, split: str) -> tuple:
                 f"(arrays: {', '.join(z.keys) or 'none'}); expected x_train, "
                 "x_test and optionally x_valid, uint8 (N, H, W[, C])"
             )
-        x = _npz_images(z, path, need)
+        x = _npz_images(z, path, need, expect_hwc)
         if need != "x_train" and "x_train" in z:
             ref_shape, _ = z.info("x_train")
             ref = tuple(ref_shape[1:]) + ((1,) if len(ref_shape) == 3 else ())
@@ -620,7 +628,7 @@ def _load_npz(path: Path, split: str) -> tuple:
     title = f"npz file {path} ({num_levels} levels)"
     if split == "train+valid" and has_valid:
         with NpzReader(path) as z:
-            x_valid = _npz_images(z, path, "x_valid")
+            x_valid = _npz_images(z, path, "x_valid", expect_hwc)
         if x_valid.shape[1:] != x.shape[1:]:
             raise DatasetError(f"{path}: 'x_valid' images are {x_valid.shape[1:]} but x_train images are {x.shape[1:]}")
         return (
@@ -720,6 +728,7 @@ def load_dataset(
     data_dir: Union[str, "os.PathLike[str]", None] = None,
     download: bool = True,
     log: Log = print,
+    expect_hwc: Optional[tuple] = None,
 ) -> ImageSet:
     """Load one split of a dataset as an :class:`ImageSet`.
 
@@ -736,6 +745,9 @@ def load_dataset(
             :func:`default_data_dir`.
         download: fetch CIFAR-10 / MNIST / Fashion-MNIST when absent.
         log: called with one-line progress messages (``None`` for silence).
+        expect_hwc: the image shape ``(H, W, C)`` the caller needs; an ``.npz``
+            array of another shape is refused from its header, before it is
+            decompressed (a small file can declare gigabytes).
 
     Raises:
         DatasetError: on any problem, with a message naming the file.
@@ -774,7 +786,7 @@ def load_dataset(
                     f"{path}: unsupported dataset file; expected an .npz file "
                     "(x_train, x_test, optional x_valid) or a folder of PNG images"
                 )
-            x, num_levels, desc = _load_npz(path, split)
+            x, num_levels, desc = _load_npz(path, split, expect_hwc)
             name = path.stem
         else:
             raise DatasetError(
