@@ -108,8 +108,7 @@ def train_job(
         resolved = {"config": config.to_dict(), "settings": dataclasses.asdict(settings)}
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
-    if settings.max_steps is None and settings.max_minutes is None:
-        raise UsageError("give --max-steps and/or --max-minutes")
+    settings.check_budget()  # before any data is loaded
     load = dict(data_dir=data_dir, download=download, expect_hwc=_hwc(config))
     train_set = match_levels(load_dataset(data, settings.train_split, **load), config.num_levels, log=print)
     valid_set = match_levels(load_dataset(data, valid_split, **load), config.num_levels)

@@ -112,6 +112,11 @@ class TrainSettings:
     valid_split: str = "valid"
     extra: dict = field(default_factory=dict)
 
+    def check_budget(self) -> None:
+        """A run needs a step budget, a positive time budget, or both."""
+        if not self.max_steps and not (self.max_minutes and self.max_minutes > 0):
+            raise UsageError("give --max-steps and/or a positive --max-minutes")
+
     @classmethod
     def default(cls, name: str) -> Any:
         """The default of one setting (the CLI takes its defaults from here)."""
@@ -599,8 +604,7 @@ def train(
     train_x, valid_x = to_nchw(train_images), to_nchw(valid_images)[: settings.eval_images]
     config.check_data(train_x.shape[1:], num_levels or config.num_levels, "training")
     config.check_data(valid_x.shape[1:], num_levels or config.num_levels, "validation")
-    if not settings.max_steps and not (settings.max_minutes and settings.max_minutes > 0):
-        raise UsageError("give --max-steps and/or a positive --max-minutes")
+    settings.check_budget()
     run = RunDir(settings.out_dir)
     try:
         return _train_loop(start_training(config, settings, run, train_x, resume=resume, log=log), valid_x, step_hook)
