@@ -1,5 +1,10 @@
 """The run directory: its layout, creation rules and reading a run back."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
 import flowpp
@@ -64,13 +69,33 @@ def test_one_writer_at_a_time(tmp_path):
     in_flight = first.checkpoints / ".checkpoint-00000005.pt.abc.tmp"
     in_flight.write_text("being written by the live run")
     second = RunDir(tmp_path / "r")
-    with pytest.raises(RunError, match=r"in use by a running training \(pid \d+\)"):
+    with pytest.raises(RunError, match=r"in use by a running training \(pid \d+ on \S+\)"):
         second.create(resume=True)
     assert in_flight.exists()  # the live run's temporary file was not cleaned up under it
     first.unlock()
     second.create(resume=True)
     assert not in_flight.exists()
     second.unlock()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from flowpp.runs import RunDir; r = RunDir(sys.argv[1]); "
+         "r.create(False); print('locked', flush=True); time.sleep(60)", str(tmp_path / "r")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match=f"pid {holder.pid} on "):
+            RunDir(tmp_path / "r").create(resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"pid {holder.pid}" in (tmp_path / "r" / ".lock").read_text()  # the dead run's note is still there
+    taker = RunDir(tmp_path / "r")
+    taker.create(resume=True)
+    assert (tmp_path / "r" / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+    taker.unlock()
 
 
 def test_a_damaged_checkpoint_does_not_take_a_good_ones_place(tmp_path):

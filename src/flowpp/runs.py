@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -73,8 +74,9 @@ class RunDir:
 
     def lock(self) -> None:
         """Take the run directory for this process: a second training on the same directory (another
-        terminal, a re-submitted job, a --resume beside a live run) is refused, not interleaved.
-        The OS drops the lock when the process ends, however it ends."""
+        terminal, a re-submitted job, a --resume beside a live run) is refused, not interleaved,
+        with the holder's pid and host in the message. The OS drops the lock when the process
+        ends, however it ends, so a dead run's lock is simply taken over."""
         try:
             import fcntl
         except ImportError:  # no flock (Windows): no protection
@@ -92,7 +94,7 @@ class RunDir:
                            "choose another --out") from None  # fmt: skip
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()}")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
         self._lock = handle
 
@@ -154,15 +156,23 @@ class RunDir:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def save_checkpoint(self, step: int, state: dict, keep: int, log: Log | None = None) -> Path:
-        """Write the checkpoint of ``step`` atomically, then keep the newest ``keep`` intact ones.
+    def checkpoint_file(self, step: int) -> Path:
+        return self.checkpoints / f"checkpoint-{step:08d}.pt"
+
+    def save_checkpoint(
+        self, step: int, state: dict, keep: int, log: Log | None = None, protect: Path | None = None
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically, then keep the newest ``keep`` intact ones,
+        and ``protect`` (a rollback target) besides.
 
         A damaged checkpoint never counts toward ``keep`` (it would push a good one out): it is
         renamed ``<name>.unreadable``, out of the rotation but kept for inspection."""
-        path = save_checkpoint(self.checkpoints / f"checkpoint-{step:08d}.pt", state)
+        path = save_checkpoint(self.checkpoint_file(step), state)
         self._verified.add(self._identity(path))  # its digest was just taken from the disk
         intact = 0
         for old in reversed(list_checkpoints(self.checkpoints)):
+            if old == protect:
+                continue
             if intact >= keep:
                 remove_checkpoint(old)
             elif self._intact(old):
