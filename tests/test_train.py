@@ -24,6 +24,7 @@ from flowpp.train import (
     backward_and_clip,
     batch_iterator,
     budget_used,
+    health_problem,
     learning_rate_now,
     train_step,
 )
@@ -190,6 +191,82 @@ def test_checkpoint_keeper_refuses_non_finite_weights(tmp_path, tiny_model):
     assert keeper.save(tiny_model, ema, torch.optim.Adam(tiny_model.parameters()), TrainState(step=1)) is None
     assert not list(keeper.run.checkpoints.glob("*.pt")) and "non-finite" in msgs[0]
     assert not keeper.rollback(tiny_model, ema, torch.optim.Adam(tiny_model.parameters()))
+
+
+def test_checkpoint_keeper_refuses_exploding_weights(tmp_path, tiny_model):
+    msgs = []
+    keeper = _keeper(tmp_path, tiny_model, msgs.append)
+    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
+    state = TrainState(step=1)
+    assert keeper.save(tiny_model, ema, opt, state) is not None
+    norm = state.checkpoint_param_norm
+    assert norm > 0
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.mul_(9.0)  # grown, but within PARAM_NORM_GROWTH
+    state.step = 2
+    assert keeper.save(tiny_model, ema, opt, state) is not None
+    assert state.checkpoint_param_norm == pytest.approx(9 * norm)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.mul_(11.0)  # finite, but an explosion since the last checkpoint
+    state.step = 3
+    assert keeper.save(tiny_model, ema, opt, state) is None
+    assert "norm grew" in msgs[-1] and state.checkpoint_param_norm == pytest.approx(9 * norm)
+    assert [p.name for p in sorted(keeper.run.checkpoints.glob("*.pt"))][-1] == "checkpoint-00000002.pt"
+
+
+def test_checkpoint_keeper_rolls_back_to_a_chosen_checkpoint_and_keeps_it(tmp_path, tiny_model):
+    keeper = _keeper(tmp_path, tiny_model)
+    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
+    first = copy.deepcopy(tiny_model.state_dict())
+    keeper.save(tiny_model, ema, opt, TrainState(step=1))
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(1.0)
+    keeper.save(tiny_model, ema, opt, TrainState(step=2))
+    path, step = keeper.rollback(tiny_model, ema, opt, step=1)
+    assert path.name == "checkpoint-00000001.pt" and step == 1
+    assert all(torch.equal(v, first[k]) for k, v in tiny_model.state_dict().items())
+    # While a rollback series is open, its checkpoint survives any number of newer ones.
+    for s in (3, 4, 5):
+        keeper.save(tiny_model, ema, opt, TrainState(step=s, rollback_step=1))
+    assert sorted(p.name for p in keeper.run.checkpoints.glob("*.pt")) == [
+        "checkpoint-00000001.pt",
+        "checkpoint-00000004.pt",
+        "checkpoint-00000005.pt",
+    ]
+    keeper.run.checkpoint_file(1).unlink()  # gone (deleted by hand): the newest one is taken
+    assert keeper.rollback(tiny_model, ema, opt, step=1)[1] == 5
+
+
+def test_a_resume_with_a_new_learning_rate_forgets_the_rollback_scale(tmp_path, tiny_model):
+    msgs = []
+    keeper = _keeper(tmp_path, tiny_model, msgs.append)
+    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
+    keeper.save(tiny_model, ema, opt, TrainState(step=7, lr_scale=0.25, rollbacks_in_row=2, rollback_step=3))
+    _, same = keeper.resume(tiny_model, ema, opt)
+    assert (same.lr_scale, same.rollbacks_in_row, same.rollback_step) == (0.25, 2, 3)
+    lower = CheckpointKeeper(keeper.run, tiny_model.config.replace(lr=1e-4), {}, 2, DistInfo(), msgs.append)
+    _, state = lower.resume(tiny_model, ema, opt)
+    assert (state.lr_scale, state.rollbacks_in_row, state.rollback_step) == (1.0, 0, None)
+    assert "reset to 1" in msgs[-1]
+
+
+def test_health_judges_non_finite_steps_and_loss_spikes():
+    state = TrainState()
+    assert health_problem(False, 3.0, state, 1.25) == "non-finite loss or gradient"
+    assert health_problem(True, 1e9, state, 1.25) is None  # a fresh run: nothing to compare with yet
+    state.last_valid_bpd = 2.0
+    assert "1.25 x the last validation bpd 2" in health_problem(True, 2.6, state, 1.25)
+    for v in [2.0] * 15 + [9.0]:  # one outlier does not move the median
+        state.remember_healthy(v)
+    assert health_problem(True, 2.4, state, 1.25) is None
+    assert "over 1.25 x the recent median 2" in health_problem(True, 2.6, state, 1.25)
+    assert health_problem(True, 2.6, state, None) is None  # off
+    for _ in range(100):
+        state.remember_healthy(1.0)
+    assert len(state.recent_losses) == 64 and state.healthy_streak == 116
+    assert health_problem(True, 1.3, state, 1.25) is not None
 
 
 def test_metrics_writer_keeps_the_columns_and_drops_rows_after_a_resumed_checkpoint(tmp_path):

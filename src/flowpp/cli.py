@@ -52,7 +52,23 @@ def _minutes(text: str, allow_zero: bool = False) -> float:
 
 
 def _positive_float(text: str) -> float:
-    return _minutes(text)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _ratio_or_off(text: str) -> float | None:
+    """A factor above 1, or 'off'."""
+    if text.strip().lower() == "off":
+        return None
+    v = _positive_float(text)
+    if v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a factor above 1 (or 'off'), got {text}")
+    return v
 
 
 def _minutes_or_off(text: str) -> float:
@@ -201,7 +217,22 @@ def _add_train(sub, parents) -> None:
         "--max-bad-steps",
         type=_positive_int,
         default=d("max_bad_steps"),
-        help="non-finite steps in a row before rolling back to the last checkpoint",
+        help="unhealthy steps (non-finite, or a loss spike) in a row before rolling back to the last checkpoint",
+    )
+    g.add_argument(
+        "--spike-ratio",
+        type=_ratio_or_off,
+        default=d("spike_ratio"),
+        metavar="R",
+        help="a step whose loss exceeds R x the median of the recent healthy steps is unhealthy: skipped, "
+        "and never checkpointed ('off': only non-finite steps are)",
+    )
+    g.add_argument(
+        "--max-rollbacks",
+        type=_positive_int,
+        default=d("max_rollbacks"),
+        help="rollbacks in a row (no healthy checkpoint between; each after the first halves the learning "
+        "rate) before training stops as diverged, with a non-zero exit",
     )
     g.add_argument("--log-every", type=_positive_int, default=d("log_every"), help="write a metrics row every N steps")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

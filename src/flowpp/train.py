@@ -35,9 +35,9 @@ from torch import Tensor
 
 from . import distributed as D
 from .atomic import atomic_write_text
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .configs import TRAINING_FIELDS, FlowConfig
-from .errors import UsageError
+from .errors import RunError, UsageError
 from .evaluate import evaluate_bpd
 from .images import save_grid, to_nchw
 from .model import FlowPlusPlus
@@ -50,6 +50,9 @@ __all__ = [
     "finish_training",
     "TrainSettings",
     "TrainState",
+    "TrainingDiverged",
+    "health_problem",
+    "parameter_norm",
     "EMA",
     "CheckpointKeeper",
     "MetricsWriter",
@@ -82,6 +85,14 @@ METRIC_FIELDS = [
 
 Log = Callable[[str], None]
 
+SPIKE_WINDOW = 64  # healthy step losses whose median is the reference of the divergence guard
+SPIKE_MIN_HISTORY = 16  # no step is judged a spike before this many healthy ones
+PARAM_NORM_GROWTH = 10.0  # a checkpoint is refused when the weights' norm grew more since the last
+
+
+class TrainingDiverged(RunError):
+    """Training kept diverging after rolling back; the last good checkpoint and best.pt are intact."""
+
 
 @dataclass
 class TrainSettings:
@@ -102,7 +113,9 @@ class TrainSettings:
     num_samples: int = 64
     keep_checkpoints: int = 2
     patience: int | None = None  # stop after this many evaluations in a row without a new best
-    max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last checkpoint
+    max_bad_steps: int = 5  # unhealthy steps in a row before rolling back to the last checkpoint
+    spike_ratio: float | None = 1.25  # a loss above this x the recent median is unhealthy; None: off
+    max_rollbacks: int = 3  # rollbacks in a row (no healthy checkpoint between) before giving up
     progress: bool = True
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
     activation_checkpointing: bool = False  # recompute conditioners in the backward pass (less memory)
@@ -137,6 +150,13 @@ class TrainState:
     rewarm_from: int | None = None  # step of the last rollback: the learning rate warms up again from there
     skipped_steps: int = 0
     rollbacks: int = 0
+    # The divergence guard (see health_problem):
+    recent_losses: list = field(default_factory=list)  # the last SPIKE_WINDOW healthy step losses
+    healthy_streak: int = 0  # healthy steps in a row (a checkpoint needs at least one)
+    rollbacks_in_row: int = 0  # since the run last recovered (see roll_back)
+    rollback_step: int | None = None  # the checkpoint rolled back to until then (never rotated away)
+    lr_scale: float = 1.0  # halved by each rollback after the first in a row
+    checkpoint_param_norm: float | None = None  # at the last healthy checkpoint (or after init)
     best_valid_bpd: float | None = None
     best_step: int | None = None
     last_valid_bpd: float | None = None
@@ -173,6 +193,10 @@ class TrainState:
         out = (mean, self.img_per_s)
         self.window_bpd_sum, self.window_finite_steps, self.window_images, self.window_seconds = 0.0, 0, 0, 0.0
         return out
+
+    def remember_healthy(self, bpd: float) -> None:
+        self.recent_losses = [*self.recent_losses[-(SPIKE_WINDOW - 1) :], bpd]
+        self.healthy_streak += 1
 
     def record_valid(self, bpd: float) -> bool:
         """Note an evaluation; True when it is the best so far."""
@@ -223,8 +247,9 @@ def budget_used(settings: TrainSettings, state: TrainState) -> float:
 
 
 def learning_rate_now(config: FlowConfig, state: TrainState, progress: float | None) -> float:
-    """The schedule's rate for ``state.step``, warmed up again after a rollback."""
-    lr = learning_rate(config, state.step, progress)
+    """The schedule's rate for ``state.step``, warmed up again after a rollback and scaled down
+    after repeated ones (``state.lr_scale``)."""
+    lr = learning_rate(config, state.step, progress) * state.lr_scale
     if state.rewarm_from is not None and config.warmup_steps > 0:
         lr *= min(1.0, (state.step - state.rewarm_from + 1) / config.warmup_steps)
     return lr
@@ -289,6 +314,39 @@ def agree(finite: Tensor, loss: Tensor, stop_requested: bool, dist: D.DistInfo) 
     return bool(votes[0].item() == dist.world_size), float(votes[1]) / dist.world_size, bool(votes[2] > 0)
 
 
+def health_problem(finite: bool, loss: float, state: TrainState, spike_ratio: float | None) -> str | None:
+    """Why a step is unhealthy (its update must not be applied), or None when it is healthy.
+
+    A step is unhealthy when its loss or gradient is not finite, or when its loss (global mean,
+    bits/dim) exceeds ``spike_ratio`` times the median of the last healthy step losses: weights
+    that blow up to large but finite values show there first, one step after the update that
+    broke them. The median ignores the odd hard batch; a healthy run stays within a few percent
+    of it (digits: at most 1.02x over 400 steps), so 1.25 leaves a wide margin. Until there are
+    SPIKE_MIN_HISTORY healthy steps (a fresh run, or a checkpoint saved without its history),
+    the last validation bpd, when there is one, is the reference.
+    """
+    if not finite:
+        return "non-finite loss or gradient"
+    if not spike_ratio:
+        return None
+    if len(state.recent_losses) >= SPIKE_MIN_HISTORY:
+        reference, what = float(np.median(state.recent_losses)), "the recent median"
+    elif state.last_valid_bpd is not None and math.isfinite(state.last_valid_bpd):
+        reference, what = state.last_valid_bpd, "the last validation bpd"
+    else:
+        return None
+    if loss > spike_ratio * reference:
+        return f"loss {loss:.4g} bits/dim is over {spike_ratio:g} x {what} {reference:.4g}"
+    return None
+
+
+def parameter_norm(model: torch.nn.Module) -> float:
+    """The global L2 norm of the weights (one host sync: used at checkpoints, not every step)."""
+    with torch.no_grad():
+        norms = torch.stack([p.detach().double().norm() for p in model.parameters()])
+        return float(torch.linalg.vector_norm(norms))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
@@ -315,23 +373,22 @@ class EMA:
 
 
 class CheckpointKeeper:
-    """Writes checkpoints of the run (rank 0 only, never non-finite weights), resumes from the
-    newest readable one, and rolls back to it after a run of non-finite steps."""
+    """Writes checkpoints of the run (rank 0 only, healthy weights only), resumes from the newest
+    readable one, and rolls back to it after a run of unhealthy steps."""
 
     def __init__(self, run: RunDir, config: FlowConfig, settings: dict, keep: int, dist: D.DistInfo, log: Log):
         self.run, self.config, self.settings, self.keep, self.dist, self.log = run, config, settings, keep, dist, log
 
     def save(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer, state: TrainState) -> Path | None:
-        if not self.dist.is_main:
+        """Write a checkpoint unless the weights are unhealthy: non-finite, or their norm grown over
+        PARAM_NORM_GROWTH x since the last checkpoint. Every rank judges (the weights are the same
+        everywhere) and updates ``state`` alike; rank 0 writes."""
+        problem = self.weights_problem(model, ema, state)
+        if problem:
+            self.log(f"step {state.step}: not writing a checkpoint: {problem}")
             return None
-        bad = [
-            f"{which}.{n}"
-            for which, m in (("model", model), ("ema", ema.model))
-            for n, p in m.state_dict().items()
-            if p.is_floating_point() and not torch.isfinite(p).all()
-        ]
-        if bad:
-            self.log(f"not writing a checkpoint: non-finite values in {bad[:3]}")
+        state.checkpoint_param_norm = parameter_norm(model)
+        if not self.dist.is_main:
             return None
         ck = dict(
             config=self.config.to_dict(),
@@ -343,7 +400,23 @@ class CheckpointKeeper:
             settings=self.settings,
             world_size=self.dist.world_size,
         )
-        return self.run.save_checkpoint(state.step, ck, self.keep, log=self.log)
+        protect = None if state.rollback_step is None else self.run.checkpoint_file(state.rollback_step)
+        return self.run.save_checkpoint(state.step, ck, self.keep, log=self.log, protect=protect)
+
+    @staticmethod
+    def weights_problem(model: FlowPlusPlus, ema: EMA, state: TrainState) -> str | None:
+        bad = [
+            f"{which}.{n}"
+            for which, m in (("model", model), ("ema", ema.model))
+            for n, p in m.state_dict().items()
+            if p.is_floating_point() and not torch.isfinite(p).all()
+        ]
+        if bad:
+            return f"non-finite values in {bad[:3]}"
+        norm, before = parameter_norm(model), state.checkpoint_param_norm
+        if before and not norm <= PARAM_NORM_GROWTH * before:
+            return f"the weights' norm grew from {before:.4g} to {norm:.4g} since the last checkpoint"
+        return None
 
     def save_best(self, model: FlowPlusPlus, ema: EMA, state: TrainState) -> Path | None:
         """Keep the weights of the best evaluation so far (best.pt: outside the rotation)."""
@@ -353,9 +426,18 @@ class CheckpointKeeper:
                   train_state=state.to_dict(), valid_bpd=state.best_valid_bpd)  # fmt: skip
         return self.run.save_best(ck)
 
-    def _load_latest(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer) -> tuple[Path, dict] | None:
+    def _load_latest(
+        self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer, step: int | None = None
+    ) -> tuple[Path, dict] | None:
+        """Load the checkpoint of ``step`` (when it is still readable) or else the newest one."""
         # Every rank reads the same file (the run directory is shared), so optimizer states agree.
-        found = self.run.latest_checkpoint(log=self.log)
+        found = None
+        if step is not None:
+            try:
+                found = self.run.checkpoint_file(step), load_checkpoint(self.run.checkpoint_file(step))
+            except CheckpointError as e:
+                self.log(f"cannot roll back to step {step} ({e}); taking the newest readable checkpoint")
+        found = found or self.run.latest_checkpoint(log=self.log)
         if found is None:
             return None
         path, ck = found
@@ -385,14 +467,19 @@ class CheckpointKeeper:
         if recipe:
             self.log(f"resuming with a changed training recipe: {'; '.join(recipe)}")
         path, ck = self._load_latest(model, ema, opt)
-        return path, TrainState.from_dict(ck["train_state"])
+        state = TrainState.from_dict(ck["train_state"])
+        if saved.lr != self.config.lr and (state.lr_scale != 1 or state.rollbacks_in_row):
+            self.log(f"a new learning rate: the scale {state.lr_scale:g} left by earlier rollbacks is reset to 1")
+            state.lr_scale, state.rollbacks_in_row, state.rollback_step = 1.0, 0, None
+        return path, state
 
-    def rollback(self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer) -> bool:
-        """Restore the newest checkpoint's weights and optimizer; the counters go on."""
-        found = self._load_latest(model, ema, opt)
-        if found is not None:
-            self.log(f"rolled back to {found[0]}; re-warming the learning rate")
-        return found is not None
+    def rollback(
+        self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer, step: int | None = None
+    ) -> tuple[Path, int] | None:
+        """Restore the weights and optimizer of the checkpoint of ``step`` (default: the newest);
+        the counters go on. Its (path, step), or None when there is no checkpoint yet."""
+        found = self._load_latest(model, ema, opt, step)
+        return None if found is None else (found[0], found[1]["train_state"]["step"])
 
 
 class MetricsWriter:
@@ -567,6 +654,7 @@ def start_training(
         D.broadcast_module(model, dist)
         model.initialized.fill_(True)
         ema = EMA(model, config.ema_decay, config.ema_warmup)
+        state.checkpoint_param_norm = parameter_norm(model)  # the divergence guard's first reference
     net = model
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -641,26 +729,30 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             lr = learning_rate_now(config, state, progress())
             loss, norm, finite = train_step(t.net, t.model, t.opt, x, noise, lr, step_hook, state.step)
             finite, global_bpd, stop_agreed = agree(finite, loss, stop.requested, dist)
+            problem = health_problem(finite, global_bpd, state, settings.spike_ratio)
             state.epoch, state.offset, state.step = epoch, offset, state.step + 1
             state.images_seen += config.batch_size
-            if finite:
+            if problem is None:
                 t.opt.step()
                 t.ema.update(t.model, state.step - 1)
+                state.remember_healthy(global_bpd)
                 bad_in_row, grad_norm = 0, float(norm)
-            else:
+                if state.rollbacks_in_row and state.healthy_streak >= recovery_steps(config):
+                    say(f"step {state.step}: healthy for {state.healthy_streak} steps since the last rollback")
+                    state.rollbacks_in_row, state.rollback_step = 0, None
+            else:  # skipped: no optimizer or EMA update
                 t.opt.zero_grad(set_to_none=True)
-                state.skipped_steps += 1
+                state.skipped_steps, state.healthy_streak = state.skipped_steps + 1, 0
                 bad_in_row += 1
-                say(f"step {state.step - 1}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
+                say(f"step {state.step - 1}: {problem}; step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= settings.max_bad_steps:
-                    if t.keeper.rollback(t.model, t.ema, t.opt):
-                        state.rollbacks, state.rewarm_from = state.rollbacks + 1, state.step
-                    else:
-                        say("no checkpoint to roll back to yet; continuing to skip bad steps")
                     bad_in_row = 0
+                    if roll_back(t, problem):
+                        stop_reason = "diverged"
+                        break
             dt = time.perf_counter() - t0
             state.train_seconds += dt
-            state.add_step(global_bpd if finite else None, config.batch_size, dt)
+            state.add_step(global_bpd if problem is None else None, config.batch_size, dt)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(bpd=f"{global_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{state.img_per_s:.1f}")
@@ -682,7 +774,10 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             if row is not None:
                 t.metrics.write({**row, "wall_seconds": state.wall_seconds})
             if ckpt_timer.due(s) and not last:
-                ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state)
+                if not state.healthy_streak:
+                    say(f"step {s}: not writing a checkpoint: the last step was unhealthy")
+                else:
+                    ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state) or ckpt_path
                 ckpt_timer.reset()
             if settings.patience and state.evals_since_best >= settings.patience:
                 say(f"stopping early: no new best in {state.evals_since_best} evaluations ({state.best_valid_bpd:.4f})")
@@ -691,11 +786,71 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
 
         if bar is not None:
             bar.close()
-        # Final checkpoint (also on SIGTERM / SIGINT), then the final evaluation.
-        ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state) or ckpt_path
+        # Final checkpoint (also on SIGTERM / SIGINT), then the final evaluation; a run that ends
+        # in the middle of unhealthy steps keeps the weights of its newest checkpoint instead.
+        if stop_reason != "diverged" and state.healthy_streak:
+            ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state) or ckpt_path
+        elif stop_reason not in ("diverged", "signal"):
+            back = t.keeper.rollback(t.model, t.ema, t.opt, state.rollback_step)
+            if back is None:
+                say("the run ended on unhealthy steps and has no checkpoint to go back to")
+                stop_reason = "diverged"
+            else:
+                (ckpt_path, _), state.rollbacks = back, state.rollbacks + 1
+                say(f"the run ended on unhealthy steps: it keeps the weights of {ckpt_path}")
         if stop_reason == "signal":
             say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
-    return finish_training(t, valid_x, stop_reason, ckpt_path, wall_start)
+    summary = finish_training(t, valid_x, stop_reason, ckpt_path, wall_start)
+    if stop_reason == "diverged":
+        raise TrainingDiverged(diverged_message(t, summary))
+    return summary
+
+
+def recovery_steps(config: FlowConfig) -> int:
+    """Healthy steps in a row after which a rollback counts as a success: a whole re-warm of the
+    learning rate (at least SPIKE_WINDOW steps)."""
+    return max(config.warmup_steps, SPIKE_WINDOW)
+
+
+def roll_back(t: Trainer, problem: str) -> bool:
+    """Restore the newest checkpoint after ``max_bad_steps`` unhealthy steps in a row; True when
+    ``max_rollbacks`` in a row have not helped (no :func:`recovery_steps` healthy steps between).
+
+    The first rollback of a series only re-warms the learning rate (a transient fault); each
+    further one also halves it (the recipe itself diverges). Checkpoints are written from healthy
+    steps only, so the one rolled back to is the newest good one, and rotation (which follows a
+    new healthy checkpoint) never removes it before a newer good one exists."""
+    state, say = t.state, t.say
+    state.rollbacks_in_row += 1
+    if state.rollbacks_in_row > t.settings.max_rollbacks:
+        say(f"step {state.step}: still unhealthy ({problem}) after {t.settings.max_rollbacks} rollback(s) in a row")
+        return True
+    back = t.keeper.rollback(t.model, t.ema, t.opt, state.rollback_step)
+    if back is None:
+        say("no checkpoint to roll back to yet; skipping on")
+        return False
+    path, state.rollback_step = back  # the same good checkpoint for the whole series
+    state.rollbacks, state.rewarm_from = state.rollbacks + 1, state.step
+    if state.rollbacks_in_row > 1:
+        state.lr_scale /= 2
+    scaled = f", now scaled by {state.lr_scale:g}" if state.lr_scale != 1 else ""
+    say(f"rolled back to {path}; re-warming the learning rate{scaled}")
+    return False
+
+
+def diverged_message(t: Trainer, summary: dict) -> str:
+    found = list_checkpoints(t.run.checkpoints)
+    if t.state.rollback_step is not None:
+        good = f"its last good checkpoint is {t.run.checkpoint_file(t.state.rollback_step)}"
+    else:
+        good = f"its newest checkpoint is {found[-1]}" if found else "it has no checkpoint"
+    best = summary.get("best_checkpoint")
+    best = f" and its best model {best} (valid {summary['best_valid_bpd']:.4f} bits/dim)" if best else ""
+    return (
+        f"training diverged by step {t.state.step}: {t.state.rollbacks} rollback(s) (learning rate scaled "
+        f"down to {t.state.lr_scale:g}) did not make it healthy; {good}{best}. Resume with a lower --lr, "
+        "or see --spike-ratio if the rise in loss is expected"
+    )
 
 
 def _progress_bar(settings: TrainSettings, state: TrainState):
@@ -707,7 +862,7 @@ def _progress_bar(settings: TrainSettings, state: TrainState):
 def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Path | None, wall_start: float) -> dict:
     """The final evaluation (unless stopped by a signal), its metrics row, and summary.json."""
     state, final = t.state, {}
-    if stop_reason != "signal":
+    if stop_reason not in ("signal", "diverged"):
         final = evaluate_now(t.ema.model, valid_x, t.settings, t.run, state.step, t.dist)
         if state.record_valid(final["valid_bpd"]):
             t.keeper.save_best(t.model, t.ema, state)
@@ -723,7 +878,7 @@ def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Pa
         train_seconds=state.train_seconds, final_valid_bpd=state.last_valid_bpd, best_valid_bpd=state.best_valid_bpd,
         best_step=state.best_step, best_checkpoint=str(t.run.best_file) if t.run.best_file.exists() else None,
         final_inverse_error=final.get("inverse_error"), skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
-        stopped_by=stop_reason, checkpoint=str(ckpt_path) if ckpt_path else None,
+        lr_scale=state.lr_scale, stopped_by=stop_reason, checkpoint=str(ckpt_path) if ckpt_path else None,
         resumed_from=str(t.resumed_from) if t.resumed_from else None, world_size=t.dist.world_size,
         device=str(t.device), torch_version=torch.__version__,
     )  # fmt: skip

@@ -143,9 +143,9 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, tiny_npz):
     assert lr_after and lr_after[0] <= cfg.lr / cfg.warmup_steps + 1e-12
 
 
-def test_never_writes_a_nan_checkpoint(tmp_path, tiny_npz, monkeypatch):
-    # Parameters corrupted behind the optimizer's back (say, a bad device): the checkpoints due at
-    # steps 4 and at the end are refused; the step-2 checkpoint stays the newest.
+def test_a_run_ending_on_unhealthy_steps_keeps_its_last_good_weights(tmp_path, tiny_npz, monkeypatch):
+    # Parameters corrupted behind the optimizer's back (say, a bad device) during step 2: no
+    # checkpoint is written from then on, and the run ends with the weights of the step-2 checkpoint.
     from flowpp import train as train_module
 
     created = []
@@ -164,16 +164,88 @@ def test_never_writes_a_nan_checkpoint(tmp_path, tiny_npz, monkeypatch):
         return loss
 
     msgs = []
-    train(
+    summary = train(
         flowpp.get_config("tiny"),
-        _settings(tmp_path / "run", max_steps=4, max_bad_steps=100),
+        _settings(tmp_path / "run", max_steps=6, max_bad_steps=100),
         *_data(tiny_npz),
         step_hook=hook,
         log=msgs.append,
     )
     names = [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["checkpoint-00000002.pt"]
-    assert any("not writing a checkpoint" in m for m in msgs)
+    assert sum("not writing a checkpoint: the last step was unhealthy" in m for m in msgs) == 1  # step 4
+    assert any("keeps the weights of" in m for m in msgs)
+    assert summary["checkpoint"].endswith("checkpoint-00000002.pt") and summary["stopped_by"] == "budget"
+    assert np.isfinite(summary["final_valid_bpd"])
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint-00000002.pt")["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in created[0].state_dict().items())
+
+
+def _healthy_run(out, tiny_npz, steps=30):
+    args = ["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", str(steps)]
+    assert main([*args, "--checkpoint-every", "10", "--eval-every", "10"]) == 0
+
+
+def test_divergence_to_large_finite_weights_stops_and_keeps_the_good_model(tmp_path, tiny_npz, capsys):
+    # The attack: resume a healthy run with a huge learning rate, a checkpoint every step and
+    # rotation keeping 2. Before the guard, diverged (finite) weights were checkpointed, the good
+    # ones rotated away, and the run ended with exit 0.
+    out = tmp_path / "run"
+    _healthy_run(out, tiny_npz)
+    good = out / "checkpoints" / "checkpoint-00000030.pt"
+    good_bytes, best_bytes = good.read_bytes(), (out / "best.pt").read_bytes()
+    capsys.readouterr()
+    resume = ["train", "--resume", "--out", str(out), "--no-progress", "--log-every", "1", "--max-steps", "200"]
+    code = main([*resume, "--lr", "10", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--max-bad-steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "training diverged" in err and "checkpoint-00000030.pt" in err and "best.pt" in err
+    assert good.read_bytes() == good_bytes and (out / "best.pt").read_bytes() == best_bytes
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "diverged" and summary["lr_scale"] == 0.25 and summary["steps"] < 200
+    # Whatever was written after the resume came from healthy steps, close to the good loss.
+    for path in list_checkpoints(out / "checkpoints"):
+        state = load_checkpoint(path)["train_state"]
+        assert state["healthy_streak"] >= 1 and state["recent_losses"][-1] < 1.25 * np.median(state["recent_losses"])
+
+
+def test_a_loss_spike_is_skipped_and_a_persistent_one_rolled_back(tmp_path, tiny_npz):
+    spikes = {20, 24, 25, 26}  # one alone (skipped), then three in a row (rolled back)
+
+    def inject(step, loss):
+        return loss * 3 if step in spikes else loss
+
+    msgs = []
+    summary = train(
+        flowpp.get_config("tiny"),
+        _settings(tmp_path / "run", max_steps=96, checkpoint_every=4),
+        *_data(tiny_npz),
+        step_hook=inject,
+        log=msgs.append,
+    )
+    assert summary["skipped_steps"] == 4 and summary["rollbacks"] == 1 and summary["stopped_by"] == "budget"
+    assert summary["lr_scale"] == 1.0  # a first rollback only re-warms
+    assert sum("over 1.25 x the recent median" in m for m in msgs) == 4
+    assert any("rolled back to" in m and "checkpoint-00000024.pt" in m for m in msgs)
+    # 64 healthy steps later (a re-warm, at least 64 steps) the series is closed: step 24 may go.
+    assert any("step 91: healthy for 64 steps since the last rollback" in m for m in msgs)
+    last = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["train_state"]
+    assert last["rollbacks_in_row"] == 0 and last["rollback_step"] is None
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "checkpoint-00000092.pt",
+        "checkpoint-00000096.pt",
+    ]
+
+
+def test_the_spike_guard_can_be_turned_off(tmp_path, tiny_npz):
+    summary = train(
+        flowpp.get_config("tiny"),
+        _settings(tmp_path / "run", max_steps=24, spike_ratio=None),
+        *_data(tiny_npz),
+        step_hook=lambda step, loss: loss * 3 if step == 20 else loss,
+        log=lambda *_: None,
+    )
+    assert summary["skipped_steps"] == 0
 
 
 class Evil:
