@@ -20,7 +20,13 @@ _DATASETS_HELP = (
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows defaults, except where the help already says it, or where the default is None or a flag's."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, []) or isinstance(action.default, bool) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
 
 
 def _parse_override(text: str) -> tuple[str, object]:
