@@ -103,10 +103,6 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     which.add_argument("--weights", dest="which", default=None, choices=["best", "last"],
                        help="the run's best model (best.pt, the best validation so far) or its newest checkpoint "
                             "(default: best when the run has one)")  # fmt: skip
-    which = argparse.ArgumentParser(add_help=False)
-    which.add_argument("--weights", dest="which", default=None, choices=["best", "last"],
-                       help="the run's best model (best.pt, the best validation so far) or its newest checkpoint "
-                            "(default: best when the run has one)")  # fmt: skip
     data = argparse.ArgumentParser(add_help=False)
     g = data.add_argument_group("data")
     g.add_argument(
@@ -115,6 +111,15 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g.add_argument(
         "--no-download", dest="download", action="store_false", help="never download; fail if files are missing"
     )
+    g.add_argument(
+        "--prepare",
+        dest="prepared",
+        action="store_true",
+        default=None,
+        help="also prepare an .npz file or PNG folder: decoded once into memory-mapped arrays under "
+        "DATA_DIR/prepared (named datasets always are, on first use)",
+    )
+    g.add_argument("--no-prepare", dest="prepared", action="store_false", help="read the data into memory, unprepared")
     return dict(runtime=runtime, seed=seed, compile=compiled, data=data, which=which)
 
 
@@ -273,6 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=64, help="rows per pass (images x samples)")
     e.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
     e.add_argument("--out", default=None, help="JSON file (default: RUN/eval-<data>-<split>-S<S>.json)")
+    e.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the per-image results a previous, interrupted run of this evaluation saved "
+        "(by default it continues from them)",
+    )
+
+    pr = sub.add_parser(
+        "prepare",
+        formatter_class=_Formatter,
+        help="decode a dataset once into memory-mapped arrays",
+        parents=[parents["data"]],
+        description="Decode a dataset into DATA_DIR/prepared/<name>/ (uint8 arrays and a manifest) that "
+        "train and eval memory-map. Named datasets are prepared on first use anyway; this does it ahead "
+        "of time, checks a preparation, or rebuilds it.",
+    )
+    pr.add_argument("--data", required=True, help=f"DATASET: {_DATASETS_HELP}")
+    pr.add_argument("--bits", type=int, choices=range(1, 9), metavar="N", default=None,
+                    help="prepare the data reduced to N bits (as an n-bit config uses it)")  # fmt: skip
+    pr.add_argument("--force", action="store_true", help="rebuild even when the preparation is current")
+    pr.add_argument("--verify", action="store_true",
+                    help="check every byte against the manifest's digests; rebuild when they differ")  # fmt: skip
 
     s = sub.add_parser(
         "sample",
@@ -345,6 +372,7 @@ def _train(args) -> int:
         download=args.download,
         resume=args.resume,
         dry_run=args.dry_run,
+        prepared=args.prepared,
     )
     return 0
 
@@ -366,6 +394,7 @@ COMMANDS = {
     "sample": lambda a: _call("sample_job", a),
     "score": lambda a: _call("score_job", a),
     "export": lambda a: _call("export_job", a),
+    "prepare": lambda a: _call("prepare_job", a),
     "configs": lambda a: _call("configs_job", a),
 }
 

@@ -8,21 +8,32 @@ The noise of image i comes from its own generator, seeded by (seed, i), one draw
 the numbers do not depend on the batch size, on which images share a batch, or on how many
 processes share the work. Under torchrun each process scores every world_size-th image and
 the per-image results are all-reduced, so every process returns the same summary.
+
+A long evaluation can be given :class:`EvalParts`: the images are then scored in chunks whose
+per-image results are saved as they complete (atomically, by rank 0), and a rerun skips the
+chunks already saved. The chunks and their batches are the same in every run, so a resumed
+evaluation gives exactly the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Callable
+import shutil
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from . import distributed as D
+from .atomic import atomic_write, atomic_write_text, json_text
+from .images import chw_shape, gather
 from .model import FlowPlusPlus
 
-__all__ = ["evaluate_bpd", "log_weights", "noise_generator", "summarize"]
+__all__ = ["evaluate_bpd", "log_weights", "noise_generator", "summarize", "EvalParts", "weights_digest"]
 
 
 _MASK64 = (1 << 64) - 1
@@ -73,10 +84,76 @@ def summarize(single_bpd: np.ndarray, iw_bpd: np.ndarray | None, samples: int) -
     return out
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers: which weights a saved result belongs to."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class EvalParts:
+    """The per-image results of one evaluation, saved chunk by chunk in ``folder``.
+
+    ``key`` says what is evaluated (weights, data, split, S, seed, images, chunk size); parts
+    saved for another key are discarded, so a rerun only ever continues the same evaluation.
+    """
+
+    def __init__(self, folder: str | Path, key: dict[str, Any], log: Callable[[str], None] | None = None):
+        self.folder, self.key, self.chunk = Path(folder), key, int(key["chunk"])
+        self.log = log or (lambda _m: None)
+
+    def done(self) -> dict[int, np.ndarray]:
+        """Chunk index -> (2, images of the chunk) float64 sums, for the chunks already saved."""
+        key_file = self.folder / "key.json"
+        try:
+            same = json.loads(key_file.read_text()) == json.loads(json_text(self.key))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            if self.folder.exists():
+                self.log(f"{self.folder}: discarding saved parts of another evaluation")
+            return {}
+        out = {}
+        for path in sorted(self.folder.glob("chunk-*.npy")):
+            try:
+                values = np.load(path, allow_pickle=False)
+                index = int(path.stem.split("-")[1])
+            except (OSError, ValueError, IndexError):
+                continue  # a damaged part is computed again
+            if values.dtype == np.float64 and values.ndim == 2 and values.shape[0] == 2:
+                out[index] = values
+        return out
+
+    def start(self) -> None:
+        """Begin saving (rank 0): a fresh folder unless it holds parts of this evaluation."""
+        key_file = self.folder / "key.json"
+        try:
+            same = json.loads(key_file.read_text()) == json.loads(json_text(self.key))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            atomic_write_text(key_file, json_text(self.key))
+
+    def save(self, index: int, values: np.ndarray) -> None:
+        atomic_write(self.folder / f"chunk-{index:07d}.npy", lambda f: np.save(f, values, allow_pickle=False))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def default_chunk(samples: int) -> int:
+    """Images per saved chunk: about a million model rows (images x samples), 64 to 4096 images."""
+    return min(4096, max(64, (1 << 20) // samples))
+
+
 @torch.no_grad()
 def evaluate_bpd(
     model: FlowPlusPlus,
-    images: Tensor,
+    images: Tensor | np.ndarray,
     *,
     samples: int = 1,
     batch_size: int = 256,
@@ -84,38 +161,78 @@ def evaluate_bpd(
     dist: D.DistInfo | None = None,
     progress: Callable[[int], None] | None = None,
     per_image: bool = False,
+    parts: EvalParts | None = None,
 ) -> dict:
-    """Bits/dim of integer images (N, C, H, W) under ``model`` (put in eval mode), with S = ``samples``.
+    """Bits/dim of integer images under ``model`` (put in eval mode), with S = ``samples``: an
+    (N, C, H, W) tensor, or an (N, H, W, C) array or memory map read a batch at a time.
 
     ``batch_size`` bounds the rows of one pass (images x samples). ``progress(n)`` is told of
-    each n images done by this process. With ``per_image``, the result also holds every
-    image's bits/dim (``per_image_bpd``, and ``per_image_iw_bpd`` when S > 1).
+    each n images done (by all processes). With ``per_image``, the result also holds every
+    image's bits/dim (``per_image_bpd``, and ``per_image_iw_bpd`` when S > 1). With ``parts``,
+    per-image results are saved chunk by chunk and chunks saved before are not computed again.
     """
     dist = dist or D.DistInfo()
     model.eval()
-    model.check_images(images)
+    if isinstance(images, Tensor):
+        model.check_images(images)
+    elif chw_shape(images) != tuple(model.config.image_shape):
+        model.check_images(gather(images, [0]))  # the same message as for a tensor
     device = next(model.parameters()).device
     n = images.shape[0]
     per_pass = min(samples, batch_size)  # samples of one image in one pass
     images_per_pass = max(1, batch_size // per_pass)
-    mine = torch.arange(dist.rank, n, dist.world_size)
-    sums = torch.zeros(2, n, dtype=torch.float64, device=device)  # mean r, log mean exp r, per image
-    for start in range(0, mine.numel(), images_per_pass):
-        idx = mine[start : start + images_per_pass]
-        x = images[idx].to(device)
-        generators = [noise_generator(seed, int(i)) for i in idx]
-        r = torch.cat(
-            [log_weights(model, x, generators, min(per_pass, samples - done)) for done in range(0, samples, per_pass)]
-        )
-        sums[0, idx.to(device)] = r.mean(0)
-        sums[1, idx.to(device)] = torch.logsumexp(r, 0) - math.log(samples)
-        if progress:
-            progress(idx.numel())
-    D.all_reduce_sum(sums, dist)
-    bpd = (-sums / model.config.nats_per_bpd).cpu().numpy()
+    chunk = parts.chunk if parts is not None else max(n, 1)
+    saved = _agreed_parts(parts, n, chunk, dist)
+    sums = torch.zeros(2, n, dtype=torch.float64)  # mean r, log mean exp r, per image
+    for c, lo in enumerate(range(0, n, chunk)):
+        hi = min(n, lo + chunk)
+        if c in saved:
+            sums[:, lo:hi] = torch.from_numpy(saved[c])
+            if progress:
+                progress(hi - lo)
+            continue
+        part = torch.zeros(2, hi - lo, dtype=torch.float64, device=device)
+        mine = torch.arange(lo + dist.rank, hi, dist.world_size)
+        for start in range(0, mine.numel(), images_per_pass):
+            idx = mine[start : start + images_per_pass]
+            x = gather(images, idx)
+            if not isinstance(images, Tensor):
+                model.check_images(x)
+            x = x.to(device)
+            generators = [noise_generator(seed, int(i)) for i in idx]
+            r = torch.cat(
+                [log_weights(model, x, generators, min(per_pass, samples - d)) for d in range(0, samples, per_pass)]
+            )
+            part[0, (idx - lo).to(device)] = r.mean(0)
+            part[1, (idx - lo).to(device)] = torch.logsumexp(r, 0) - math.log(samples)
+            if progress:
+                progress(idx.numel() * dist.world_size)
+        D.all_reduce_sum(part, dist)
+        sums[:, lo:hi] = part.cpu()
+        if parts is not None and dist.is_main:
+            parts.save(c, sums[:, lo:hi].numpy())
+    bpd = (-sums / model.config.nats_per_bpd).numpy()
     out = summarize(bpd[0], bpd[1], samples)
+    if parts is not None:
+        out["resumed_images"] = int(sum(v.shape[1] for v in saved.values()))
     if per_image:
         out["per_image_bpd"] = bpd[0].tolist()
         if samples > 1:
             out["per_image_iw_bpd"] = bpd[1].tolist()
     return out
+
+
+def _agreed_parts(parts: EvalParts | None, n: int, chunk: int, dist: D.DistInfo) -> dict[int, np.ndarray]:
+    """The saved chunks every process sees (the others are computed again); rank 0 opens the folder."""
+    if parts is None:
+        return {}
+    saved = {c: v for c, v in parts.done().items() if v.shape[1] == min(n, (c + 1) * chunk) - c * chunk}
+    chunks = -(-n // chunk)
+    seen = torch.zeros(chunks, dtype=torch.float64)
+    seen[[c for c in saved if c < chunks]] = 1.0
+    D.all_reduce_sum(seen, dist)
+    agreed = {c: v for c, v in saved.items() if c < chunks and seen[c] == dist.world_size}
+    if dist.is_main:
+        parts.start()
+    D.barrier(dist)
+    return agreed

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .atomic import atomic_write_bytes
 
-__all__ = ["to_nchw", "to_nhwc", "to_display", "make_grid", "save_grid"]
+__all__ = ["to_nchw", "to_nhwc", "to_display", "make_grid", "save_grid", "gather", "chw_shape"]
 
 
 def to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -20,6 +20,23 @@ def to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images
     return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+
+
+def chw_shape(images: np.ndarray | torch.Tensor) -> tuple[int, int, int]:
+    """(C, H, W) of (N, C, H, W) tensors or of (N, H, W, C) arrays (memory maps included)."""
+    if isinstance(images, torch.Tensor):
+        return tuple(images.shape[1:])
+    n, h, w, c = images.shape
+    return (c, h, w)
+
+
+def gather(images: np.ndarray | torch.Tensor, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Rows ``idx`` (in that order) of (N, C, H, W) tensors or (N, H, W, C) arrays, as an
+    (B, C, H, W) tensor. Only those rows are read: a memory-mapped split stays on disk."""
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(idx)]
+    rows = images[np.asarray(idx, dtype=np.int64)]  # fancy indexing: a copy of the rows only
+    return torch.from_numpy(rows).permute(0, 3, 1, 2).contiguous()
 
 
 def to_nhwc(images: torch.Tensor) -> np.ndarray:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .atomic import write_json, write_npz
+from .atomic import atomic_write, write_json, write_npz
 from .configs import FlowConfig, get_config, list_configs
-from .data import DATASET_NAMES, load_dataset, match_levels
+from .data import DATASET_NAMES, ImageSet, load_dataset, match_levels
+from .data.prepared import load_prepared, prepare, prepared_path, verify_prepared
 from .errors import UsageError
-from .evaluate import evaluate_bpd
-from .images import save_grid, to_nchw, to_nhwc
+from .evaluate import EvalParts, default_chunk, evaluate_bpd, weights_digest
+from .images import chw_shape, save_grid, to_nhwc
 from .model import count_parameters
 from .runs import RunDir
 from .train import TrainSettings, train
@@ -34,6 +35,8 @@ __all__ = [
     "score_job",
     "export_job",
     "configs_job",
+    "prepare_job",
+    "load_images",
 ]
 
 PAPER_EVAL_SAMPLES = 4096  # the official protocol: importance-weighted bound, S = 4096, test set
@@ -74,6 +77,61 @@ def _hwc(config: FlowConfig) -> tuple[int, int, int]:
     return (h, w, c)
 
 
+def _prepared_by_default(data: str) -> bool:
+    """Named datasets are prepared on first use (all but the embedded digits); files when asked."""
+    return data in DATASET_NAMES and data != "digits"
+
+
+def load_images(
+    data: str,
+    split: str,
+    config: FlowConfig,
+    *,
+    data_dir: str | None = None,
+    download: bool = True,
+    prepared: bool | None = None,
+    log=print,
+) -> ImageSet:
+    """One split of ``data`` on ``config``'s levels: memory-mapped from its preparation (made on
+    first use) for named datasets, or when ``prepared``; else read into memory."""
+    levels = None if config.num_levels == 256 else config.num_levels
+    if prepared or (prepared is None and _prepared_by_default(str(data))):
+        try:
+            return load_prepared(data, split, data_dir, num_levels=levels, download=download, log=log,
+                                 expect_hwc=_hwc(config))  # fmt: skip
+        except PermissionError as e:
+            if prepared:
+                raise
+            log(f"note: cannot write {prepared_path(data, data_dir, levels)} ({e.strerror}); reading {data} directly")
+    images = load_dataset(data, split, data_dir=data_dir, download=download, expect_hwc=_hwc(config), log=log)
+    return match_levels(images, config.num_levels, log=log)
+
+
+def prepare_job(
+    *,
+    data: str,
+    data_dir: str | None = None,
+    download: bool = True,
+    bits: int | None = None,
+    force: bool = False,
+    verify: bool = False,
+) -> Path:
+    """Decode ``data`` once into memory-mapped arrays (``flowpp prepare``); check or rebuild one."""
+    levels = None if bits is None else 2**bits
+    folder = prepared_path(data, data_dir, levels)
+    if verify and not force:
+        why = verify_prepared(data, data_dir, levels) if folder.is_dir() else "not prepared yet"
+        print(f"{folder}: {why or 'whole and current (full digests checked)'}")
+        if why is None:
+            return folder
+    folder = prepare(data, data_dir, num_levels=levels, download=download, force=force or bool(verify), log=print)
+    m = json.loads((folder / "manifest.json").read_text())
+    sizes = {s: hi - lo for s, (_, lo, hi) in m["splits"].items()}
+    print(f"{folder}: {sizes['train']:,} train / {sizes['valid']:,} valid / {sizes['test']:,} test images, "
+          f"{m['num_levels']} levels, {sum(f.stat().st_size for f in folder.iterdir()) / 1e6:,.1f} MB")  # fmt: skip
+    return folder
+
+
 def _default_dataset(config: FlowConfig) -> str | None:
     for name in (config.name, config.name.split("-")[0]):
         if name in DATASET_NAMES:
@@ -90,6 +148,7 @@ def train_job(
     download: bool = True,
     resume: bool = False,
     dry_run: bool = False,
+    prepared: bool | None = None,
 ) -> dict:
     """Train into ``settings.out_dir``. Resuming, the dataset and validation split default to the run's."""
     saved = RunDir(settings.out_dir).read_settings() if resume else {}
@@ -109,9 +168,9 @@ def train_job(
         print(json.dumps(resolved, indent=2, default=str))
         return resolved
     settings.check_budget()  # before any data is loaded
-    load = dict(data_dir=data_dir, download=download, expect_hwc=_hwc(config))
-    train_set = match_levels(load_dataset(data, settings.train_split, **load), config.num_levels, log=print)
-    valid_set = match_levels(load_dataset(data, valid_split, **load), config.num_levels)
+    load = dict(data_dir=data_dir, download=download, prepared=prepared)
+    train_set = load_images(data, settings.train_split, config, **load)
+    valid_set = load_images(data, valid_split, config, **load)
     print(
         f"data: {train_set.description}: {len(train_set):,} {settings.train_split} / {len(valid_set):,} "
         f"{valid_split} images"
@@ -127,9 +186,9 @@ def train_job(
     return summary
 
 
-def _load(run: str, device: str, compile: bool, which: str | None = None, log=None):
+def _load(run: str, device: str | torch.device, compile: bool, which: str | None = None, log=None, quiet=False):
     """(model, info, device) from a run directory or an exported .safetensors file; says which weights."""
-    dev = D.resolve_device(device)
+    dev = device if isinstance(device, torch.device) else D.resolve_device(device)
     if Path(run).is_file():
         from .export import load_with_metadata
 
@@ -139,7 +198,8 @@ def _load(run: str, device: str, compile: bool, which: str | None = None, log=No
         info = {"checkpoint": str(run), "step": meta.get("step"), "which": f"exported ({meta.get('which', '?')})"}
     else:
         model, info = RunDir(run).load_model(dev, log=log, which=which)
-    print(f"weights: {info['which']}, step {info['step']} ({info['checkpoint']})", file=sys.stderr)
+    if not quiet:
+        print(f"weights: {info['which']}, step {info['step']} ({info['checkpoint']})", file=sys.stderr)
     if compile:
         model.compile_networks()
     return model, info, dev
@@ -175,29 +235,44 @@ def eval_job(
     data_dir: str | None = None,
     download: bool = True,
     which: str | None = None,
+    prepared: bool | None = None,
+    restart: bool = False,
 ) -> dict:
-    """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned."""
+    """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned.
+
+    Under torchrun the images are shared out over the processes (the same numbers as one
+    process). Per-image results are saved as chunks complete, beside the result; the same
+    command run again continues from them (``restart`` discards them)."""
     path = Path(out) if out else _eval_file(run, data, split, samples)
     if not _writable(path.parent):
         raise UsageError(f"cannot write the result to {path}: its folder is not writable (choose --out)")
-    model, info, _ = _load(run, device, compile, which, log=print)
-    ds = match_levels(
-        load_dataset(data, split, data_dir=data_dir, download=download, expect_hwc=_hwc(model.config)),
-        model.config.num_levels,
-        log=print,
-    )
-    if model.config.official and samples < PAPER_EVAL_SAMPLES:
-        print(
-            f"note: the paper reports the importance-weighted bound with S = {PAPER_EVAL_SAMPLES} on the test "
-            f"set; this is S = {samples}. For the paper's protocol: flowpp eval --run {run} --data {data} "
-            f"--split test --samples {PAPER_EVAL_SAMPLES}"
-        )
-    x = to_nchw(ds.images[:limit] if limit else ds.images)
-    model.config.check_data(x.shape[1:], ds.num_levels, split)
-    from tqdm import tqdm
-
-    with tqdm(total=len(x), unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-        res = evaluate_bpd(model, x, samples=samples, batch_size=batch_size, seed=seed, progress=bar.update)
+    dev = D.resolve_device(device)
+    dist = D.setup_distributed(dev.type)
+    if dist.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", dist.local_rank)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    try:
+        model, info, _ = _load(run, dev, compile, which, log=say, quiet=not dist.is_main)
+        ds = load_images(data, split, model.config, data_dir=data_dir, download=download, prepared=prepared, log=say)
+        if model.config.official and samples < PAPER_EVAL_SAMPLES:
+            say(
+                f"note: the paper reports the importance-weighted bound with S = {PAPER_EVAL_SAMPLES} on the test "
+                f"set; this is S = {samples}. For the paper's protocol: flowpp eval --run {run} --data {data} "
+                f"--split test --samples {PAPER_EVAL_SAMPLES}"
+            )
+        x = ds.images[:limit] if limit else ds.images
+        model.config.check_data(chw_shape(x), ds.num_levels, split)
+        # A saved part is reused only by the same evaluation, computed in the same batches.
+        key = dict(weights=weights_digest(model), data=str(data), split=split, n_images=len(x),
+                   samples=samples, seed=seed, batch_size=batch_size, processes=dist.world_size,
+                   chunk=default_chunk(samples))  # fmt: skip
+        parts = EvalParts(path.with_name(path.name + ".parts"), key, log=say)
+        if restart and dist.is_main:
+            parts.remove()
+        D.barrier(dist)
+        res = _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts)
+    finally:
+        D.shutdown_distributed()
     res.update(
         run=str(run),
         checkpoint=info["checkpoint"],
@@ -207,13 +282,33 @@ def eval_job(
         data_description=ds.description,
         split=split,
         config=model.config.name,
+        processes=dist.world_size,
     )
+    if not dist.is_main:
+        return res
+    per_image = path.with_name(f"{path.stem}.per_image.npy")
+    columns = [res.pop("per_image_bpd")] + ([res.pop("per_image_iw_bpd")] if "per_image_iw_bpd" in res else [])
+    table = np.stack(columns, axis=1)  # (N, 1 or 2): single-sample and importance-weighted bits/dim
+    atomic_write(per_image, lambda f: np.save(f, table, allow_pickle=False))
+    res["per_image_file"] = str(per_image)
     write_json(path, res)
+    parts.remove()
     line = f"{res['n_images']} images: {res['bpd']:.4f} +- {res['bpd_se']:.4f} bits/dim (single sample)"
     if "iw_bpd" in res:
         line += f", {res['iw_bpd']:.4f} +- {res['iw_bpd_se']:.4f} (importance-weighted, S={samples})"
     print(line)
-    print(f"wrote {path}")
+    print(f"wrote {path} (per-image bits/dim: {per_image.name})")
+    return res
+
+
+def _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts) -> dict:
+    from tqdm import tqdm
+
+    with tqdm(total=len(x), unit="img", dynamic_ncols=True, file=sys.stderr, disable=not dist.is_main) as bar:
+        res = evaluate_bpd(model, x, samples=samples, batch_size=batch_size, seed=seed, dist=dist,
+                           progress=bar.update, per_image=True, parts=parts)  # fmt: skip
+    if res.get("resumed_images"):
+        print(f"continued a saved evaluation: {res['resumed_images']:,} images were already done", file=sys.stderr)
     return res
 
 

@@ -18,12 +18,15 @@ batches and noise as a run on one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import functools
 import json
 import math
+import queue
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +42,7 @@ from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .configs import TRAINING_FIELDS, FlowConfig
 from .errors import RunError, UsageError
 from .evaluate import evaluate_bpd
-from .images import save_grid, to_nchw
+from .images import chw_shape, gather, save_grid, to_nchw
 from .model import FlowPlusPlus
 from .runs import RunDir
 from .schedules import learning_rate
@@ -119,6 +122,7 @@ class TrainSettings:
     progress: bool = True
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
     activation_checkpointing: bool = False  # recompute conditioners in the backward pass (less memory)
+    prefetch: int | None = None  # batches gathered ahead by a background thread; None: 2 on CUDA, 0 on CPU
     dataset: str = ""
     dataset_description: str = ""
     train_split: str = "train"  # "train+valid" when validating on the test set
@@ -230,6 +234,62 @@ def batch_iterator(n: int, batch_size: int, seed: int, epoch: int, offset: int):
             offset += batch_size
             yield epoch, offset, idx
         epoch, offset = epoch + 1, 0
+
+
+def _batches(t: "Trainer", mine: slice):
+    """(epoch, offset, images, noise) of this process's part of each global batch, from
+    ``t.state``'s position on; the images pinned when they go to a GPU."""
+    config, settings, state = t.config, t.settings, t.state
+    step = state.step
+    pin = t.device.type == "cuda"
+    order = batch_iterator(len(t.train_x), config.batch_size, settings.seed, state.epoch, state.offset)
+    for epoch, offset, idx in order:
+        x = gather(t.train_x, idx[mine])
+        noise = step_noise(t.model, config, settings.seed, step)[mine]
+        yield epoch, offset, (x.pin_memory() if pin else x), (noise.pin_memory() if pin else noise)
+        step += 1
+
+
+class Prefetch:
+    """Runs an iterator ``depth`` items ahead in a background thread (the next batch is
+    gathered while the current step runs); ``depth`` 0 runs it in the caller's thread.
+    The items and their order are those of the iterator: determinism is unchanged."""
+
+    def __init__(self, items, depth: int):
+        self.items, self.depth = iter(items), depth
+        if depth <= 0:
+            return
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._fill, name="flowpp-prefetch", daemon=True)
+        self.thread.start()
+
+    def _fill(self) -> None:
+        try:
+            for item in self.items:
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopped.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self.queue.put((False, e))
+
+    def __next__(self):
+        if self.depth <= 0:
+            return next(self.items)
+        ok, item = self.queue.get()
+        if not ok:
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.depth > 0:
+            self.stopped.set()
+            self.thread.join(timeout=10)
 
 
 def step_noise(model: FlowPlusPlus, config: FlowConfig, seed: int, step: int) -> Tensor:
@@ -612,7 +672,7 @@ class Trainer:
     state: TrainState
     resumed_from: Path | None
     say: Log
-    train_x: Tensor
+    train_x: Any  # (N, C, H, W) tensor or (N, H, W, C) array / memory map: gathered a batch at a time
 
 
 def start_training(
@@ -650,7 +710,7 @@ def start_training(
     else:  # every rank takes rank 0's initialised weights
         if dist.is_main:
             init_idx = epoch_permutation(len(train_x), settings.seed, -1)[: config.init_batch_size]
-            model.initialize(train_x[init_idx].to(device))
+            model.initialize(gather(train_x, init_idx).to(device))
         D.broadcast_module(model, dist)
         model.initialized.fill_(True)
         ema = EMA(model, config.ema_decay, config.ema_warmup)
@@ -685,12 +745,13 @@ def train(
     log: Log = print,
     step_hook: Callable[[int, Tensor], Tensor] | None = None,
 ) -> dict:
-    """Train ``config`` on uint8 images (NHWC numpy or NCHW tensor) and return the summary.
+    """Train ``config`` on uint8 images (NHWC numpy array or memory map, or NCHW tensor) and
+    return the summary. The training images are read a batch at a time, never copied whole.
 
     ``step_hook(step, loss) -> loss`` lets tests inject faults (e.g. a NaN loss).
     """
-    train_x, valid_x = to_nchw(train_images), to_nchw(valid_images)[: settings.eval_images]
-    config.check_data(train_x.shape[1:], num_levels or config.num_levels, "training")
+    train_x, valid_x = train_images, to_nchw(valid_images[: settings.eval_images])
+    config.check_data(chw_shape(train_x), num_levels or config.num_levels, "training")
     config.check_data(valid_x.shape[1:], num_levels or config.num_levels, "validation")
     settings.check_budget()
     run = RunDir(settings.out_dir)
@@ -702,29 +763,29 @@ def train(
 
 def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], Tensor] | None) -> dict:
     """Steps until the budget, a signal or the patience runs out; then the final checkpoint and evaluation."""
-    config, settings, train_x = t.config, t.settings, t.train_x
+    config, settings = t.config, t.settings
     state, dist, say = t.state, t.dist, t.say
     mine = slice(
         dist.rank * config.batch_size // dist.world_size, (dist.rank + 1) * config.batch_size // dist.world_size
     )
     progress = functools.partial(budget_used, settings, state)
-    batches = batch_iterator(len(train_x), config.batch_size, settings.seed, state.epoch, state.offset)
+    depth = settings.prefetch if settings.prefetch is not None else (2 if t.device.type == "cuda" else 0)
+    batches = Prefetch(_batches(t, mine), depth)
     eval_timer = _Every(settings.eval_every, settings.eval_minutes)
     ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes)
     bar = _progress_bar(settings, state) if dist.is_main and settings.progress else None
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
     bad_in_row, grad_norm, stop_reason, ckpt_path = 0, float("nan"), "budget", None
 
-    with _Stop() as stop:
+    with _Stop() as stop, contextlib.closing(batches):
         stop_agreed = False
         while progress() < 1.0:
             if stop_agreed or (stop.requested and not dist.enabled):
                 stop_reason = "signal"
                 break
             t0 = time.perf_counter()
-            epoch, offset, idx = next(batches)
-            x = train_x[idx[mine]].to(t.device, non_blocking=True)
-            noise = step_noise(t.model, config, settings.seed, state.step)[mine].to(t.device)
+            epoch, offset, x, noise = next(batches)
+            x, noise = x.to(t.device, non_blocking=True), noise.to(t.device, non_blocking=True)
             torch.manual_seed(settings.seed * 1_000_003 + state.step * 8_191 + dist.rank)  # dropout stream
             lr = learning_rate_now(config, state, progress())
             loss, norm, finite = train_step(t.net, t.model, t.opt, x, noise, lr, step_hook, state.step)

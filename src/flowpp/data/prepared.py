@@ -1,0 +1,317 @@
+"""Prepared datasets: decoded once into plain uint8 arrays that every process memory-maps.
+
+Decoding ImageNet 64x64 (1.28M PNGs, or ten npz batches) takes minutes and 15.7 GB; doing it
+in every process at every start does not scale. :func:`prepare` decodes a dataset once into::
+
+    <data dir>/prepared/<key>/trainvalid.npy   (N, H, W, C) uint8: the train split, then the valid split
+                              test.npy         (M, H, W, C) uint8
+                              manifest.json    shapes, split ranges, source files (size, mtime,
+                                               SHA-256), digests of the arrays, flowpp version
+
+NHWC, as the sources are stored: a batch is gathered by row (one contiguous run of bytes per
+image) and permuted to NCHW as a tensor, which costs little next to the gather
+(``benchmarks/bench_data.py``). ``train``, ``valid`` and ``train+valid`` are slices of one
+memory map, so no split is ever copied; the OS page cache is shared by all processes.
+
+Every use checks, cheaply, that the preparation is whole and current: the manifest's format
+version, each array's header and size, a digest of 16 blocks spread over each array, and the
+sources' sizes and modification times. A stale or damaged preparation is rebuilt (and says
+why), never silently used; ``flowpp prepare --verify`` also checks full digests. Preparing
+takes an exclusive lock, so the processes of one launch prepare once while the others wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..atomic import atomic_write_text, fsync_dir, json_text
+from .datasets import _CELEBA_FILES, ImageSet, _canonical, default_data_dir, load_dataset, match_levels
+from .errors import DatasetError
+
+__all__ = ["prepare", "load_prepared", "prepared_path", "verify_prepared", "PREPARED_VERSION"]
+
+PREPARED_VERSION = 1
+_SPOT_BLOCKS, _SPOT_BYTES = 16, 1 << 16
+_COPY_ROWS = 4096  # images copied per chunk while writing an array
+_MAX_LISTED = 64  # files of a source subfolder recorded one by one
+
+Log = Optional[Callable[[str], object]]
+
+
+def _quiet(_msg: str) -> None:
+    return None
+
+
+def _key(dataset, num_levels: int | None) -> tuple[str, Path | None]:
+    """(folder name under prepared/, the user path or None for a named dataset)."""
+    name = _canonical(dataset)
+    suffix = "" if num_levels in (None, 256) else f"-L{num_levels}"
+    if name is not None:
+        return name + suffix, None
+    path = Path(os.fspath(dataset)).expanduser().resolve()
+    tag = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    return f"{path.stem or 'images'}-{tag}{suffix}", path
+
+
+def prepared_path(dataset, data_dir=None, num_levels: int | None = None) -> Path:
+    """Where the prepared form of ``dataset`` (on ``num_levels`` levels) lives."""
+    base = Path(os.fspath(data_dir)).expanduser() if data_dir is not None else default_data_dir()
+    return base / "prepared" / _key(dataset, num_levels)[0]
+
+
+def _sources(dataset, data_dir) -> list[Path]:
+    """The files and folders a dataset is read from: files directly in its folder and one level
+    down, and the folders themselves (a folder's mtime changes when an entry is added or removed)."""
+    name = _canonical(dataset)
+    base = Path(os.fspath(data_dir)).expanduser() if data_dir is not None else default_data_dir()
+    if name in _CELEBA_FILES:
+        return [base / "celeba" / _CELEBA_FILES[name][0]]
+    root = base / name if name is not None else Path(os.fspath(dataset)).expanduser().resolve()
+    if root.is_file():
+        return [root]
+    found = [root]
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        found.append(p)
+        if p.is_dir():  # a few files (npz batches) are listed; a folder of many images only by its mtime
+            with os.scandir(p) as entries:
+                names = [e.name for _, e in zip(range(_MAX_LISTED + 1), entries)]
+            if len(names) <= _MAX_LISTED:
+                found.extend(q for q in sorted(p / n for n in names) if q.is_file())
+    return found
+
+
+def _signature(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append({"path": str(p), "size": st.st_size if p.is_file() else None, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _spot_digest(path: Path) -> str:
+    """SHA-256 of 16 blocks spread evenly over the file (the first and the last included)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(_SPOT_BLOCKS):
+            f.seek(max(0, (size - _SPOT_BYTES) * i // (_SPOT_BLOCKS - 1)))
+            h.update(f.read(_SPOT_BYTES))
+    return h.hexdigest()
+
+
+def _write_array(path: Path, parts: list[np.ndarray], log: Log) -> dict:
+    n = sum(len(p) for p in parts)
+    shape = (n, *parts[0].shape[1:])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    row, t0 = 0, time.monotonic()
+    for part in parts:
+        for lo in range(0, len(part), _COPY_ROWS):
+            chunk = part[lo : lo + _COPY_ROWS]
+            out[row : row + len(chunk)] = chunk
+            row += len(chunk)
+        if log:
+            log(f"  {path.name}: {row:,} / {n:,} images ({time.monotonic() - t0:.0f} s)")
+    out.flush()
+    del out
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"shape": list(shape), "sha256": _sha256(path), "spot": _spot_digest(path)}
+
+
+def _problem(folder: Path, dataset, data_dir, full: bool = False) -> str | None:
+    """Why the preparation in ``folder`` cannot be used as it is, or None when it can."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return "not prepared yet"
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        return f"its manifest is unreadable ({e})"
+    if m.get("format") != "flowpp-prepared" or m.get("version") != PREPARED_VERSION:
+        return f"it was written in another format (version {m.get('version')!r}, this flowpp writes {PREPARED_VERSION})"
+    try:
+        for name, info in m["files"].items():
+            path = folder / name
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                return f"{name} is unreadable ({e})"
+            if arr.dtype != np.uint8 or list(arr.shape) != info["shape"]:
+                return f"{name} holds {arr.dtype} {tuple(arr.shape)}, the manifest says uint8 {tuple(info['shape'])}"
+            if arr.offset + arr.size != path.stat().st_size:
+                return f"{name} has {path.stat().st_size} bytes, its header needs {arr.offset + arr.size}"
+            del arr
+            if _spot_digest(path) != info["spot"] or (full and _sha256(path) != info["sha256"]):
+                return f"{name} is damaged (its digest does not match the manifest)"
+        recorded = [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in m["sources"]]
+    except (KeyError, TypeError) as e:
+        return f"its manifest is incomplete ({e})"
+    try:
+        current = _signature(_sources(dataset, data_dir))
+    except OSError:
+        current = None  # the sources are gone: the preparation is all there is
+    if current is not None and current != recorded:
+        changed = next((c["path"] for c, r in zip(current, recorded) if c != r), "the list of source files")
+        return f"its sources changed since it was prepared ({changed})"
+    return None
+
+
+class _Lock:
+    """An exclusive flock on ``path`` (blocking): one process prepares, the others wait for it."""
+
+    def __init__(self, path: Path):
+        self.path, self.handle = path, None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        except ImportError:  # no flock (Windows): concurrent preparations are not prevented
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+        return False
+
+
+def prepare(
+    dataset,
+    data_dir=None,
+    *,
+    num_levels: int | None = None,
+    download: bool = True,
+    force: bool = False,
+    verify: bool = False,
+    log: Log = print,
+    expect_hwc: tuple | None = None,
+) -> Path:
+    """Make sure ``dataset`` (reduced to ``num_levels`` levels when given) is prepared and
+    current, decoding it when it is not; return its folder.
+
+    ``force`` rebuilds in any case; ``verify`` also checks the full digests of a preparation
+    that would otherwise be used (slow: it reads every byte).
+    """
+    say = log or _quiet
+    folder = prepared_path(dataset, data_dir, num_levels)
+    with _Lock(folder.parent / f".{folder.name}.lock"):
+        why = "asked to rebuild" if force else _problem(folder, dataset, data_dir, full=verify)
+        if why is None:
+            return folder
+        if why != "not prepared yet":
+            say(f"{folder}: rebuilding, {why}")
+        sources = _sources(dataset, data_dir) if _exists(dataset, data_dir) else []
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _build(tmp, dataset, data_dir, num_levels, download, sources, say, expect_hwc)
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                folder.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(folder)
+            fsync_dir(folder.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return folder
+
+
+def _exists(dataset, data_dir) -> bool:
+    try:
+        return all(p.exists() for p in _sources(dataset, data_dir))
+    except OSError:
+        return False
+
+
+def _build(tmp: Path, dataset, data_dir, num_levels, download, sources, say, expect_hwc) -> None:
+    t0 = time.monotonic()
+    splits, files = {}, {}
+
+    def read(split: str) -> np.ndarray:
+        data = load_dataset(dataset, split, data_dir=data_dir, download=download, log=say, expect_hwc=expect_hwc)
+        if num_levels is not None:
+            data = match_levels(data, num_levels, log=say)
+        splits[split] = (len(data), data.num_levels, data.name, data.description)
+        return data.images
+
+    # One file at a time, so that at most train and valid are in memory together.
+    files["trainvalid.npy"] = _write_array(tmp / "trainvalid.npy", [read("train"), read("valid")], say)
+    files["test.npy"] = _write_array(tmp / "test.npy", [read("test")], say)
+    n_train, n_valid, n_test = splits["train"][0], splits["valid"][0], splits["test"][0]
+    manifest = {
+        "format": "flowpp-prepared",
+        "version": PREPARED_VERSION,
+        "flowpp_version": _version(),
+        "dataset": str(dataset),
+        "name": splits["train"][2],
+        "num_levels": splits["train"][1],
+        "splits": {
+            "train": ["trainvalid.npy", 0, n_train],
+            "valid": ["trainvalid.npy", n_train, n_train + n_valid],
+            "train+valid": ["trainvalid.npy", 0, n_train + n_valid],
+            "test": ["test.npy", 0, n_test],
+        },
+        "descriptions": {s: d[3] for s, d in splits.items()},
+        "files": files,
+        "sources": [
+            dict(s, sha256=_sha256(Path(s["path"])) if s["size"] is not None else None) for s in _signature(sources)
+        ],  # fmt: skip
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    atomic_write_text(tmp / "manifest.json", json_text(manifest))
+    say(f"prepared {dataset} in {manifest['seconds']:.0f} s: {n_train:,} train, {n_valid:,} valid, "
+        f"{n_test:,} test images")  # fmt: skip
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def load_prepared(
+    dataset,
+    split: str,
+    data_dir=None,
+    *,
+    num_levels: int | None = None,
+    download: bool = True,
+    log: Log = print,
+    expect_hwc: tuple | None = None,
+) -> ImageSet:
+    """One split of ``dataset``, memory-mapped from its preparation (made or rebuilt first when
+    needed). The images are a read-only view: nothing is copied or read until used."""
+    folder = prepare(dataset, data_dir, num_levels=num_levels, download=download, log=log, expect_hwc=expect_hwc)
+    m = json.loads((folder / "manifest.json").read_text())
+    if split not in m["splits"]:
+        raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(m['splits'])}")
+    name, lo, hi = m["splits"][split]
+    images = np.load(folder / name, mmap_mode="r", allow_pickle=False)[lo:hi]
+    description = m["descriptions"].get(split) or f"{m['descriptions']['train']}; and the valid split"
+    return ImageSet(images, m["num_levels"], m["name"], description, values_checked=True)
+
+
+def verify_prepared(dataset, data_dir=None, num_levels: int | None = None) -> str | None:
+    """Why the preparation of ``dataset`` is not whole and current (full digests), or None."""
+    return _problem(prepared_path(dataset, data_dir, num_levels), dataset, data_dir, full=True)
