@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowpp.evaluate import evaluate_bpd, log_weights, noise_generator
+from flowpp.evaluate import EvalParts, evaluate_bpd, log_weights, noise_generator, weights_digest
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,3 +56,54 @@ def test_log_weights_shape_and_bad_images(tiny_model):
     assert log_weights(tiny_model, _images(2), gens, 3).shape == (3, 2)
     with pytest.raises(ValueError, match="values in"):
         evaluate_bpd(tiny_model, _images(2) + 300)
+
+
+def test_arrays_and_memory_maps_give_the_numbers_of_tensors(tiny_model, tmp_path):
+    x = _images(5, seed=2)
+    nhwc = x.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    np.save(tmp_path / "x.npy", nhwc)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    a = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, per_image=True)
+    b = evaluate_bpd(tiny_model, mapped, samples=3, batch_size=4, per_image=True)
+    assert a == b
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 8, 8\)"):
+        evaluate_bpd(tiny_model, nhwc[:, :4])
+
+
+def _parts(model, tmp_path, **changes):
+    key = dict(dict(weights=weights_digest(model), samples=3, seed=0, chunk=2), **changes)
+    return EvalParts(tmp_path / "parts", key)
+
+
+def test_an_interrupted_evaluation_continues_to_the_same_numbers(tiny_model, tmp_path):
+    x = _images(7, seed=4)
+    run = dict(samples=3, batch_size=4)
+    whole = evaluate_bpd(tiny_model, x, **run, per_image=True, parts=_parts(tiny_model, tmp_path / "a"))
+    assert whole["resumed_images"] == 0 and len(list((tmp_path / "a" / "parts").glob("chunk-*.npy"))) == 4
+
+    done = []
+
+    def die_in_the_third_chunk(n):
+        done.append(n)
+        if sum(done) > 4:
+            raise KeyboardInterrupt  # preemption, a crash, Ctrl-C
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_bpd(tiny_model, x, **run, parts=_parts(tiny_model, tmp_path), progress=die_in_the_third_chunk)
+    assert len(list((tmp_path / "parts").glob("chunk-*.npy"))) == 2
+    resumed = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, per_image=True, parts=_parts(tiny_model, tmp_path))
+    assert resumed["resumed_images"] == 4
+    assert {k: v for k, v in resumed.items() if k != "resumed_images"} == {
+        k: v for k, v in whole.items() if k != "resumed_images"
+    }
+    # Parts of another evaluation (other S, seed or weights) are never mixed in.
+    other = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path, seed=1), seed=1)
+    assert other["resumed_images"] == 0
+
+
+def test_a_damaged_part_is_computed_again(tiny_model, tmp_path):
+    x = _images(4, seed=5)
+    whole = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path))
+    (tmp_path / "parts" / "chunk-0000001.npy").write_bytes(b"not an array")
+    again = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path))
+    assert again["resumed_images"] == 2 and again["bpd"] == whole["bpd"]

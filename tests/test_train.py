@@ -18,6 +18,7 @@ from flowpp.train import (
     METRIC_FIELDS,
     CheckpointKeeper,
     MetricsWriter,
+    Prefetch,
     TrainSettings,
     TrainState,
     agree,
@@ -293,3 +294,20 @@ def test_the_metrics_window_counts_finite_steps_and_images():
     assert state.close_window() == (3.0, 12.0)
     mean, _ = state.close_window()
     assert mean != mean  # nan: nothing since the last row
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_prefetch_keeps_the_order_and_hands_errors_over(depth):
+    def items():
+        yield from range(5)
+        raise OSError("disk gone")
+
+    ahead = Prefetch(items(), depth)
+    assert [next(ahead) for _ in range(5)] == list(range(5))
+    with pytest.raises(OSError, match="disk gone"):
+        next(ahead)
+    ahead.close()
+    endless = Prefetch(iter(int, 1), depth)  # an endless source: close() must stop the thread
+    next(endless)
+    endless.close()
+    assert depth == 0 or not endless.thread.is_alive()

@@ -271,13 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
         "dequantization samples per image). The paper's protocol: --split test "
         "--samples 4096.",
     )
-    e.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
+    e.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run directory, or a .safetensors file from `flowpp export` (under torchrun write --run-dir: "
+        "torchrun reads --run as an abbreviation of its own --run-path)",
+    )
     e.add_argument("--data", required=True, help=f"DATASET: {_DATASETS_HELP}")
     e.add_argument("--split", default="test", choices=["train", "valid", "test"], help="which split")
     e.add_argument("--samples", type=_positive_int, default=1, help="dequantization samples per image (S)")
     e.add_argument("--batch-size", type=_positive_int, default=64, help="rows per pass (images x samples)")
     e.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
     e.add_argument("--out", default=None, help="JSON file (default: RUN/eval-<data>-<split>-S<S>.json)")
+    e.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="images per saved part of the per-image results (default: about a million images x samples, "
+        "64 to 4096 images)",
+    )
     e.add_argument(
         "--restart",
         action="store_true",

@@ -237,6 +237,7 @@ def eval_job(
     which: str | None = None,
     prepared: bool | None = None,
     restart: bool = False,
+    chunk: int | None = None,
 ) -> dict:
     """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned.
 
@@ -265,7 +266,7 @@ def eval_job(
         # A saved part is reused only by the same evaluation, computed in the same batches.
         key = dict(weights=weights_digest(model), data=str(data), split=split, n_images=len(x),
                    samples=samples, seed=seed, batch_size=batch_size, processes=dist.world_size,
-                   chunk=default_chunk(samples))  # fmt: skip
+                   chunk=chunk or default_chunk(samples))  # fmt: skip
         parts = EvalParts(path.with_name(path.name + ".parts"), key, log=say)
         if restart and dist.is_main:
             parts.remove()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,10 +17,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 COMMON = ["--config", "tiny", "--no-progress", "--log-every", "1", "--device", "cpu", "--eval-images", "15"]
 
 
-def launch(nproc, *args, timeout=240):
+def launch(nproc, *args, timeout=240, command="train"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if nproc == 1:
-        cmd = [sys.executable, "-m", "flowpp", "train", *map(str, args)]
+        cmd = [sys.executable, "-m", "flowpp", command, *map(str, args)]
     else:
         cmd = [
             sys.executable,
@@ -29,7 +30,7 @@ def launch(nproc, *args, timeout=240):
             f"--nproc_per_node={nproc}",
             "-m",
             "flowpp",
-            "train",
+            command,
             *map(str, args),
         ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -98,3 +99,17 @@ def test_indivisible_batch_fails_cleanly(tmp_path, tiny_npz):
     )
     assert proc.returncode != 0
     assert "divisible" in proc.stderr
+
+
+def test_evaluation_on_two_processes_matches_one(runs, tiny_npz, tmp_path):
+    common = ["--run-dir", runs[0], "--data", tiny_npz, "--split", "test", "--samples", 8, "--device", "cpu"]
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}.json"
+        assert_ok(launch(nproc, *common, "--batch-size", 16, "--out", out, command="eval"))
+        results[nproc] = json.loads(out.read_text()), np.load(tmp_path / f"eval{nproc}.per_image.npy")
+    (one, per_one), (two, per_two) = results[1], results[2]
+    assert one["processes"] == 1 and two["processes"] == 2 and one["n_images"] == two["n_images"] == 24
+    for key in ("bpd", "iw_bpd", "bpd_se", "iw_bpd_se"):
+        assert abs(one[key] - two[key]) < 1e-9, key
+    np.testing.assert_allclose(per_one, per_two, rtol=0, atol=1e-9)

@@ -423,3 +423,30 @@ def test_a_second_training_beside_a_live_one_is_refused(tmp_path, tiny_npz, caps
         live.communicate(timeout=120)
     assert live.returncode == 0
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == "signal"
+
+
+def test_a_killed_evaluation_continues_where_it_stopped(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "2"]) == 0
+    base = [sys.executable, "-m", "flowpp", "eval", "--run", str(out), "--data", str(tiny_npz), "--samples", "256",
+            "--chunk", "2", "--batch-size", "128", "--device", "cpu"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([*base, "--out", str(tmp_path / "whole.json")], env=env, check=True, capture_output=True)
+    target = tmp_path / "resumed.json"
+    parts = tmp_path / "resumed.json.parts"
+    proc = subprocess.Popen([*base, "--out", str(target)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("chunk-*.npy"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = len(list(parts.glob("chunk-*.npy")))
+    assert not target.exists() and 3 <= saved < 12, saved  # killed half-way: 24 images, 12 chunks
+    again = subprocess.run([*base, "--out", str(target)], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{2 * saved} images were already done" in again.stderr
+    whole, resumed = json.loads((tmp_path / "whole.json").read_text()), json.loads(target.read_text())
+    for key in ("bpd", "iw_bpd", "bpd_se", "iw_bpd_se", "n_images"):
+        assert resumed[key] == whole[key], key
+    assert not parts.exists()  # finished: the parts are gone, the per-image table stays
+    assert np.array_equal(np.load(tmp_path / "resumed.per_image.npy"), np.load(tmp_path / "whole.per_image.npy"))

@@ -318,3 +318,25 @@ def test_compile_flag_compiles_the_loaded_model(trained, tiny_npz, tmp_path, mon
     assert len(calls) == 0
     assert run(command, "--run", trained, *args, "--compile") == 0
     assert len(calls) == 1 and isinstance(calls[0], flowpp.FlowPlusPlus)
+
+
+def test_training_from_a_memory_map_with_prefetching_is_the_same_training(tmp_path, tiny_npz):
+    # The prepared path (batches gathered from a memory map, a background thread running ahead)
+    # trains exactly as the plain one: the same batches, noise and steps.
+    from flowpp.train import TrainSettings, train
+
+    z = np.load(tiny_npz)
+    np.save(tmp_path / "train.npy", z["x_train"])
+    mapped = np.load(tmp_path / "train.npy", mmap_mode="r")
+
+    def settings(out, prefetch):
+        return TrainSettings(out_dir=str(out), max_steps=6, log_every=1, checkpoint_minutes=None, eval_images=8,
+                             progress=False, device="cpu", prefetch=prefetch)  # fmt: skip
+
+    quiet = lambda *_: None  # noqa: E731
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(flowpp.get_config("tiny"), settings(a, 0), z["x_train"], z["x_valid"], log=quiet)
+    train(flowpp.get_config("tiny"), settings(b, 2), mapped, z["x_valid"], log=quiet)
+    assert [r["train_bpd"] for r in read_metrics(a)] == [r["train_bpd"] for r in read_metrics(b)]
+    ca, cb = (load_checkpoint(list_checkpoints(r / "checkpoints")[-1]) for r in (a, b))
+    assert all(torch.equal(t, cb["model"][k]) for k, t in ca["model"].items())
