@@ -126,7 +126,7 @@ def prepare_job(
             return folder
     folder = prepare(data, data_dir, num_levels=levels, download=download, force=force or bool(verify), log=print)
     m = json.loads((folder / "manifest.json").read_text())
-    sizes = {s: hi - lo for s, (_, lo, hi) in m["splits"].items()}
+    sizes = {s: (v[2] - v[1] if v else 0) for s, v in m["splits"].items()}
     print(f"{folder}: {sizes['train']:,} train / {sizes['valid']:,} valid / {sizes['test']:,} test images, "
           f"{m['num_levels']} levels, {sum(f.stat().st_size for f in folder.iterdir()) / 1e6:,.1f} MB")  # fmt: skip
     return folder

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flowpp
-from flowpp.data import VALID_SIZES, load_dataset
+from flowpp.data import VALID_SIZES, DatasetError, load_dataset
 from flowpp.data.prepared import load_prepared, prepare, prepared_path, verify_prepared
 from flowpp.jobs import load_images
 
@@ -170,3 +170,14 @@ def test_the_prepare_command(tmp_path, fmt, capsys):
     assert main([*args, "--bits", "5"]) == 0 and "32 levels" in capsys.readouterr().out
     assert main(["prepare", "--data", str(tmp_path / "missing.npz")]) == 2
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_a_set_without_a_test_split_is_prepared_and_says_so_when_asked_for_it(tmp_path, fmt):
+    npz = tmp_path / "no-test.npz"
+    np.savez(npz, x_train=fmt.make_images(30, 8, 8, 3), x_valid=fmt.make_images(4, 8, 8, 3, start=3))
+    train = load_prepared(npz, "train", tmp_path / "d", log=None)
+    valid = load_prepared(npz, "valid", tmp_path / "d", log=None)
+    assert len(train) == 30 and len(valid) == 4
+    np.testing.assert_array_equal(valid.images, fmt.make_images(4, 8, 8, 3, start=3))
+    with pytest.raises(DatasetError, match="no array 'x_test'"):
+        load_prepared(npz, "test", tmp_path / "d", log=None)

@@ -34,6 +34,7 @@ present.  ImageNet and the release's pre-quantized CelebA files must be placed b
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -189,6 +190,16 @@ def default_data_dir() -> Path:
 
 def _quiet(_msg: str) -> None:
     return None
+
+
+#: Where the large loaders (ImageNet, CelebA, PNG folders) put the images they decode: a new
+#: array by default; flowpp.data.prepared sets it to write straight into a memory-mapped file.
+ALLOCATE: ContextVar[Optional[Callable[[tuple], np.ndarray]]] = ContextVar("ALLOCATE", default=None)
+
+
+def _empty(shape: tuple) -> np.ndarray:
+    allocate = ALLOCATE.get()
+    return allocate(shape) if allocate is not None else np.empty(shape, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------
@@ -353,7 +364,7 @@ def _imagenet_vdo(name: str, size: int, src: Path, split: str, log: Log) -> tupl
             if not keys:
                 raise DatasetError(f"{src}: the archive holds no PNG files")
             start, stop, detail = _select(len(keys), split, name, src.name)
-            out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
+            out = _empty((stop - start, size, size, 3))
             step = max(1, (stop - start) // 10)
             for j, key in enumerate(keys[start:stop]):
                 out[j] = decode_image(
@@ -365,7 +376,7 @@ def _imagenet_vdo(name: str, size: int, src: Path, split: str, log: Log) -> tupl
         if not files:
             raise DatasetError(f"{src}/: the folder holds no PNG files")
         start, stop, detail = _select(len(files), split, name, f"{src.name}/")
-        out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
+        out = _empty((stop - start, size, size, 3))
         step = max(1, (stop - start) // 10)
         for j, f in enumerate(files[start:stop]):
             out[j] = decode_image(f, f, expect_size=shape, gray_to_rgb=True)
@@ -388,7 +399,7 @@ def _imagenet_chrabaszcz(name: str, size: int, files: list, split: str, log: Log
     total = sum(counts)
     what = files[0].parent.name + "/" + (files[0].name if len(files) == 1 else f"{files[0].name}..{files[-1].name}")
     start, stop, detail = _select(total, split, name, what)
-    out = np.empty((stop - start, size, size, 3), dtype=np.uint8)
+    out = _empty((stop - start, size, size, 3))
     offset = 0
     for f, c in zip(files, counts):
         lo, hi = max(start, offset), min(stop, offset + c)
@@ -501,8 +512,11 @@ def _load_celeba(name: str, root: Path, split: str) -> tuple:
         start, stop, detail = _hold_out_range(
             n - CELEBA_TEST, split, CELEBA_VALID, f"the first {n - CELEBA_TEST} of {n} images"
         )
-    part = np.ascontiguousarray(x[start:stop])
-    top = int(part.max())
+    part, top = _empty((stop - start, size, size, 3)), 0
+    for lo in range(0, stop - start, 4096):  # a chunk at a time: the file may be larger than memory
+        chunk = x[start + lo : min(stop, start + lo + 4096)]
+        part[lo : lo + len(chunk)] = chunk
+        top = max(top, int(chunk.max()))
     if top >= 2**bits:
         raise DatasetError(
             f"{path}: pixel value {top} in the {split} split, but a {bits}-bit file holds values 0..{2**bits - 1}"
@@ -702,7 +716,7 @@ def _load_folder(root: Path, split: str, log: Log) -> tuple:
         parts["test"] = (parts["valid"][0], "test = valid (no test/ subfolder): " + parts["valid"][1])
     files, detail = parts[split]
     w, h, mode = ref[:3]
-    out = np.empty((len(files), h, w, 3 if mode == "RGB" else 1), dtype=np.uint8)
+    out = _empty((len(files), h, w, 3 if mode == "RGB" else 1))
     step = max(1, len(files) // 10)
     for j, f in enumerate(files):
         out[j] = decode_image(f, f, expect_size=(w, h), modes=(mode,))

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..atomic import atomic_write_text, fsync_dir, json_text
-from .datasets import _CELEBA_FILES, ImageSet, _canonical, default_data_dir, load_dataset, match_levels
+from .datasets import _CELEBA_FILES, ALLOCATE, ImageSet, _canonical, default_data_dir, load_dataset, match_levels
 from .errors import DatasetError
 
 __all__ = ["prepare", "load_prepared", "prepared_path", "verify_prepared", "PREPARED_VERSION"]
@@ -115,23 +115,33 @@ def _spot_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_array(path: Path, parts: list[np.ndarray], log: Log) -> dict:
-    n = sum(len(p) for p in parts)
-    shape = (n, *parts[0].shape[1:])
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    row, t0 = 0, time.monotonic()
-    for part in parts:
-        for lo in range(0, len(part), _COPY_ROWS):
-            chunk = part[lo : lo + _COPY_ROWS]
-            out[row : row + len(chunk)] = chunk
-            row += len(chunk)
-        if log:
-            log(f"  {path.name}: {row:,} / {n:,} images ({time.monotonic() - t0:.0f} s)")
+def _write_array(path: Path, images: np.ndarray) -> dict:
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=images.shape)
+    for lo in range(0, len(images), _COPY_ROWS):
+        out[lo : lo + _COPY_ROWS] = images[lo : lo + _COPY_ROWS]
     out.flush()
     del out
+    return _digests(path)
+
+
+def _digests(path: Path) -> dict:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+    shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
     return {"shape": list(shape), "sha256": _sha256(path), "spot": _spot_digest(path)}
+
+
+def _reduce_in_place(images: np.ndarray, levels: int, num_levels: int, dataset, say) -> int:
+    """Reduce images on ``levels`` levels to ``num_levels`` in place, as match_levels does (8-bit
+    to 2^n: x >> (8 - n)), a chunk at a time; the levels the images end up with."""
+    if num_levels == levels:
+        return levels
+    probe = ImageSet(np.zeros((1, *images.shape[1:]), np.uint8), levels, str(dataset), "", values_checked=True)
+    shift = 8 - int(np.log2(match_levels(probe, num_levels).num_levels))  # raises for a pair it cannot map
+    say(f"{dataset}: reducing 8-bit images to {num_levels} levels (x >> {shift})")
+    for lo in range(0, len(images), _COPY_ROWS):
+        images[lo : lo + _COPY_ROWS] >>= shift
+    return num_levels
 
 
 def _problem(folder: Path, dataset, data_dir, full: bool = False) -> str | None:
@@ -246,33 +256,63 @@ def _exists(dataset, data_dir) -> bool:
 
 def _build(tmp: Path, dataset, data_dir, num_levels, download, sources, say, expect_hwc) -> None:
     t0 = time.monotonic()
-    splits, files = {}, {}
+    load = dict(data_dir=data_dir, download=download, log=say, expect_hwc=expect_hwc)
+    path = tmp / "trainvalid.npy"
 
-    def read(split: str) -> np.ndarray:
-        data = load_dataset(dataset, split, data_dir=data_dir, download=download, log=say, expect_hwc=expect_hwc)
-        if num_levels is not None:
-            data = match_levels(data, num_levels, log=say)
-        splits[split] = (len(data), data.num_levels, data.name, data.description)
-        return data.images
+    def allocate(shape: tuple) -> np.ndarray:  # the large loaders decode straight into the file
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
 
-    # One file at a time, so that at most train and valid are in memory together.
-    files["trainvalid.npy"] = _write_array(tmp / "trainvalid.npy", [read("train"), read("valid")], say)
-    files["test.npy"] = _write_array(tmp / "test.npy", [read("test")], say)
-    n_train, n_valid, n_test = splits["train"][0], splits["valid"][0], splits["test"][0]
+    token = ALLOCATE.set(allocate)
+    try:
+        whole = load_dataset(dataset, "train+valid", **load)
+    finally:
+        ALLOCATE.reset(token)
+    images, trainvalid_description, source_levels = whole.images, whole.description, whole.num_levels
+    if not isinstance(images, np.memmap):  # a small loader (CIFAR-10, MNIST, .npz) kept it in memory
+        images = allocate(images.shape)
+        images[:] = whole.images
+    del whole
+    levels = _reduce_in_place(images, source_levels, num_levels or source_levels, dataset, say)
+    images.flush()
+    valid = load_dataset(dataset, "valid", **load)
+    n, n_valid = len(images), len(valid)
+    if num_levels is not None:
+        valid = match_levels(valid, num_levels)
+    if not np.array_equal(images[n - n_valid :], valid.images):  # the layout every split relies on
+        raise DatasetError(f"{dataset}: its valid split is not the end of train+valid; it cannot be prepared")
+    n_train = n - n_valid
+    del images
+    files = {"trainvalid.npy": _digests(path)}
+    test_split, missing = None, None
+    descriptions = {
+        "train+valid": trainvalid_description,
+        "train": f"{trainvalid_description}; train = its first {n_train} (the last {n_valid} are valid)",
+        "valid": valid.description,
+    }
+    try:
+        test = load_dataset(dataset, "test", **load)
+        test = match_levels(test, num_levels) if num_levels is not None else test
+        files["test.npy"] = _write_array(tmp / "test.npy", test.images)
+        test_split, descriptions["test"] = ["test.npy", 0, len(test)], test.description
+        del test
+    except DatasetError as e:  # e.g. an .npz without x_test: train and valid are still usable
+        missing = str(e)
+        say(f"no test split: {e}")
     manifest = {
         "format": "flowpp-prepared",
         "version": PREPARED_VERSION,
         "flowpp_version": _version(),
         "dataset": str(dataset),
-        "name": splits["train"][2],
-        "num_levels": splits["train"][1],
+        "name": valid.name,
+        "num_levels": levels,
         "splits": {
             "train": ["trainvalid.npy", 0, n_train],
-            "valid": ["trainvalid.npy", n_train, n_train + n_valid],
-            "train+valid": ["trainvalid.npy", 0, n_train + n_valid],
-            "test": ["test.npy", 0, n_test],
+            "valid": ["trainvalid.npy", n_train, n],
+            "train+valid": ["trainvalid.npy", 0, n],
+            "test": test_split,
         },
-        "descriptions": {s: d[3] for s, d in splits.items()},
+        "missing": missing,
+        "descriptions": descriptions,
         "files": files,
         "sources": [
             dict(s, sha256=_sha256(Path(s["path"])) if s["size"] is not None else None) for s in _signature(sources)
@@ -280,8 +320,8 @@ def _build(tmp: Path, dataset, data_dir, num_levels, download, sources, say, exp
         "seconds": round(time.monotonic() - t0, 1),
     }
     atomic_write_text(tmp / "manifest.json", json_text(manifest))
-    say(f"prepared {dataset} in {manifest['seconds']:.0f} s: {n_train:,} train, {n_valid:,} valid, "
-        f"{n_test:,} test images")  # fmt: skip
+    tests = f"{test_split[2]:,} test images" if test_split else "no test split"
+    say(f"prepared {dataset} in {manifest['seconds']:.0f} s: {n_train:,} train, {n_valid:,} valid images, {tests}")
 
 
 def _version() -> str:
@@ -306,6 +346,8 @@ def load_prepared(
     m = json.loads((folder / "manifest.json").read_text())
     if split not in m["splits"]:
         raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(m['splits'])}")
+    if m["splits"][split] is None:
+        raise DatasetError(m.get("missing") or f"{dataset} has no {split} split")
     name, lo, hi = m["splits"][split]
     images = np.load(folder / name, mmap_mode="r", allow_pickle=False)[lo:hi]
     description = m["descriptions"].get(split) or f"{m['descriptions']['train']}; and the valid split"
