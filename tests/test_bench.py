@@ -166,3 +166,20 @@ def test_flop_count_includes_cpu_attention():
     with FlopCounterMode(display=False) as fc:
         out.sum().backward()
     assert fc.get_total_flops() == 10 * b * h * n * m * d  # five matmuls: scores recomputed, dV, dP, dQ, dK
+
+
+def test_bench_data_measures_the_data_path(tmp_path):
+    import numpy as np
+
+    npz = tmp_path / "set.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x_train=rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))  # fmt: skip
+    out = tmp_path / "data.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--data", str(npz), "--seconds", "0.2",
+           "--batch-size", "16", "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert result["images"] == 270 and result["image_shape"] == [32, 32, 3]
+    for key in ("img_per_s_gather_nhwc", "img_per_s_gather_nchw_storage", "img_per_s_gather_and_noise"):
+        assert result[key] > 0

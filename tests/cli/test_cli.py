@@ -78,3 +78,21 @@ def test_eval_refuses_an_unwritable_destination_before_computing(tmp_path, monke
     monkeypatch.setattr(jobs.os, "access", lambda *a: False)
     assert main(["eval", "--run", str(tmp_path), "--data", "digits", "--out", str(tmp_path / "r.json")]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_every_command_line_in_the_readme_parses():
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\[[^\]]*\]", "", line.split("  #")[0])  # comments and [optional] parts
+            words = shlex.split(line)
+            if words[:1] == ["flowpp"]:
+                commands.append(words[1:])
+            elif "-m" in words and "flowpp" in words and words[0] in ("torchrun", "python"):
+                commands.append(words[words.index("flowpp") + 1 :])
+    assert len(commands) >= 12
+    for args in commands:
+        build_parser().parse_args(args)  # exits (fails the test) on an unknown or misspelt option
