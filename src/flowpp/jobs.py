@@ -124,7 +124,8 @@ def prepare_job(
         print(f"{folder}: {why or 'whole and current (full digests checked)'}")
         if why is None:
             return folder
-    folder = prepare(data, data_dir, num_levels=levels, download=download, force=force or bool(verify), log=print)
+    folder = prepare(data, data_dir, num_levels=levels, download=download, force=force or bool(verify), log=print,
+                     progress_bar=True)  # fmt: skip
     m = json.loads((folder / "manifest.json").read_text())
     sizes = {s: (v[2] - v[1] if v else 0) for s, v in m["splits"].items()}
     print(f"{folder}: {sizes['train']:,} train / {sizes['valid']:,} valid / {sizes['test']:,} test images, "

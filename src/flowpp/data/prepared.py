@@ -33,7 +33,16 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..atomic import atomic_write_text, fsync_dir, json_text
-from .datasets import _CELEBA_FILES, ALLOCATE, ImageSet, _canonical, default_data_dir, load_dataset, match_levels
+from .datasets import (
+    _CELEBA_FILES,
+    ALLOCATE,
+    PROGRESS,
+    ImageSet,
+    _canonical,
+    default_data_dir,
+    load_dataset,
+    match_levels,
+)
 from .errors import DatasetError
 
 __all__ = ["prepare", "load_prepared", "prepared_path", "verify_prepared", "PREPARED_VERSION"]
@@ -214,12 +223,14 @@ def prepare(
     verify: bool = False,
     log: Log = print,
     expect_hwc: tuple | None = None,
+    progress_bar: bool = False,
 ) -> Path:
     """Make sure ``dataset`` (reduced to ``num_levels`` levels when given) is prepared and
     current, decoding it when it is not; return its folder.
 
     ``force`` rebuilds in any case; ``verify`` also checks the full digests of a preparation
-    that would otherwise be used (slow: it reads every byte).
+    that would otherwise be used (slow: it reads every byte). ``progress_bar`` shows the
+    decoding of the large sources (ImageNet, PNG folders) as a bar on stderr.
     """
     say = log or _quiet
     folder = prepared_path(dataset, data_dir, num_levels)
@@ -233,6 +244,8 @@ def prepare(
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        bars = _Bars() if progress_bar else None
+        token = PROGRESS.set(bars)
         try:
             _build(tmp, dataset, data_dir, num_levels, download, sources, say, expect_hwc)
             if folder.exists():
@@ -244,7 +257,31 @@ def prepare(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            PROGRESS.reset(token)
+            if bars is not None:
+                bars.close()
     return folder
+
+
+class _Bars:
+    """One tqdm bar per source being decoded (told (what, done, total) by the loaders)."""
+
+    def __init__(self):
+        self.bar, self.key = None, None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.key != (what, total):
+            self.close()
+            self.bar, self.key = tqdm(total=total, desc=what, unit="img", dynamic_ncols=True), (what, total)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.key = None, None
 
 
 def _exists(dataset, data_dir) -> bool:
