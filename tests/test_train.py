@@ -311,3 +311,15 @@ def test_prefetch_keeps_the_order_and_hands_errors_over(depth):
     next(endless)
     endless.close()
     assert depth == 0 or not endless.thread.is_alive()
+
+
+def test_metrics_of_a_run_written_before_a_column_was_added_survive_a_resume(tmp_path):
+    run = RunDir(tmp_path)
+    old = [k for k in METRIC_FIELDS if k != "threads"]
+    run.metrics_file.write_text(
+        ",".join(old) + "\n" + "\n".join(f"{s}," + ",".join("1" * (len(old) - 1)) for s in (1, 2, 3))
+    )
+    MetricsWriter(run, enabled=True, resume_step=2).close()
+    lines = run.metrics_file.read_text().splitlines()
+    assert lines[0] == ",".join(METRIC_FIELDS) and [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
+    assert lines[1].endswith(",")  # the new column is empty for the old rows

@@ -46,6 +46,10 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _threads(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _minutes(text: str, allow_zero: bool = False) -> float:
     try:
         v = float(text)
@@ -88,7 +92,11 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     g = runtime.add_argument_group("device")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument(
-        "--threads", type=_positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)"
+        "--threads",
+        type=_threads,
+        default=None,
+        help="CPU threads for PyTorch, or 'auto' (default: train adapts between all cores and one to the "
+        "machine's load, as 'auto' does; the other commands take PyTorch's choice)",
     )
     seed = argparse.ArgumentParser(add_help=False)
     seed.add_argument("--seed", type=int, default=0, help="random seed (noise, data order, dropout, samples)")
@@ -379,6 +387,8 @@ def _train(args) -> int:
     settings = TrainSettings(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)}
     )
+    if settings.threads is None:  # a busy machine must not stall training: adapt unless told
+        settings = dataclasses.replace(settings, threads="auto")
     jobs.train_job(
         config,
         settings,

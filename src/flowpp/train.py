@@ -84,6 +84,7 @@ METRIC_FIELDS = [
     "rollbacks",
     "train_seconds",
     "wall_seconds",
+    "threads",
 ]
 
 Log = Callable[[str], None]
@@ -123,6 +124,7 @@ class TrainSettings:
     bf16: bool = False  # conditioner networks under bfloat16 autocast (mixture math stays float32)
     activation_checkpointing: bool = False  # recompute conditioners in the backward pass (less memory)
     prefetch: int | None = None  # batches gathered ahead by a background thread; None: 2 on CUDA, 0 on CPU
+    threads: int | str | None = None  # CPU threads: N, "auto" (adapt to the load, D.ThreadTuner), None: as set
     dataset: str = ""
     dataset_description: str = ""
     train_split: str = "train"  # "train+valid" when validating on the test set
@@ -565,13 +567,11 @@ class MetricsWriter:
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
         # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
+        # (A file written before a column was added keeps its rows; the new column is empty there.)
         kept = [
             r
             for r in rows
-            if None not in r.values()
-            and len(r) == len(METRIC_FIELDS)
-            and (r.get("step") or "").isdigit()
-            and int(r["step"]) <= step
+            if None not in r.values() and None not in r and (r.get("step") or "").isdigit() and int(r["step"]) <= step
         ]
         lines = [",".join(METRIC_FIELDS)] + [",".join(r.get(k, "") or "" for k in METRIC_FIELDS) for r in kept]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
@@ -673,6 +673,7 @@ class Trainer:
     resumed_from: Path | None
     say: Log
     train_x: Any  # (N, C, H, W) tensor or (N, H, W, C) array / memory map: gathered a batch at a time
+    thread_switches: int = 0  # by the ThreadTuner of "auto" threads
 
 
 def start_training(
@@ -776,6 +777,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
     bar = _progress_bar(settings, state) if dist.is_main and settings.progress else None
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
     bad_in_row, grad_norm, stop_reason, ckpt_path = 0, float("nan"), "budget", None
+    tuner = D.ThreadTuner.for_run(settings.threads, t.device, say)
 
     with _Stop() as stop, contextlib.closing(batches):
         stop_agreed = False
@@ -812,6 +814,8 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                         stop_reason = "diverged"
                         break
             dt = time.perf_counter() - t0
+            if tuner is not None:
+                tuner.step_done(dt)
             state.train_seconds += dt
             state.add_step(global_bpd if problem is None else None, config.batch_size, dt)
             if bar is not None:
@@ -823,7 +827,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                 train_bpd, img_per_s = state.close_window()
                 row = dict(step=s, images_seen=state.images_seen, train_bpd=train_bpd, lr=lr, img_per_s=img_per_s,
                            grad_norm=grad_norm, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
-                           train_seconds=state.train_seconds)  # fmt: skip
+                           train_seconds=state.train_seconds, threads=torch.get_num_threads())  # fmt: skip
             if eval_timer.due(s) and not last:
                 result = evaluate_now(t.ema.model, valid_x, settings, t.run, s, dist)
                 eval_timer.reset()
@@ -861,6 +865,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                 say(f"the run ended on unhealthy steps: it keeps the weights of {ckpt_path}")
         if stop_reason == "signal":
             say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
+    t.thread_switches = tuner.switches if tuner is not None else 0
     summary = finish_training(t, valid_x, stop_reason, ckpt_path, wall_start)
     if stop_reason == "diverged":
         raise TrainingDiverged(diverged_message(t, summary))
@@ -939,7 +944,8 @@ def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Pa
         train_seconds=state.train_seconds, final_valid_bpd=state.last_valid_bpd, best_valid_bpd=state.best_valid_bpd,
         best_step=state.best_step, best_checkpoint=str(t.run.best_file) if t.run.best_file.exists() else None,
         final_inverse_error=final.get("inverse_error"), skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
-        lr_scale=state.lr_scale, stopped_by=stop_reason, checkpoint=str(ckpt_path) if ckpt_path else None,
+        lr_scale=state.lr_scale, stopped_by=stop_reason, threads=t.settings.threads,
+        thread_switches=t.thread_switches, checkpoint=str(ckpt_path) if ckpt_path else None,
         resumed_from=str(t.resumed_from) if t.resumed_from else None, world_size=t.dist.world_size,
         device=str(t.device), torch_version=torch.__version__,
     )  # fmt: skip

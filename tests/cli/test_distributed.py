@@ -15,6 +15,7 @@ from flowpp.checkpoint import list_checkpoints, load_checkpoint
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 
 COMMON = ["--config", "tiny", "--no-progress", "--log-every", "1", "--device", "cpu", "--eval-images", "15"]
+COMMON += ["--threads", "1"]
 
 
 def launch(nproc, *args, timeout=240, command="train"):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from flowpp.cli import main
 
-TRAIN = ["train", "--config", "tiny", "--no-progress", "--eval-images", "16", "--log-every", "5"]
+TRAIN = ["train", "--config", "tiny", "--no-progress", "--eval-images", "16", "--log-every", "5", "--threads", "1"]
 
 
 def run(*argv):

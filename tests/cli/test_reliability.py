@@ -31,6 +31,8 @@ ARGS = [
     "2",
     "--device",
     "cpu",
+    "--threads",  # exact resume needs a fixed thread count ("auto" may switch)
+    "1",
 ]
 STEPS = 14
 

@@ -14,7 +14,7 @@ from flowpp.checkpoint import list_checkpoints, load_checkpoint
 from flowpp.cli import main
 from flowpp.schedules import learning_rate
 
-TRAIN = ["train", "--config", "tiny", "--no-progress", "--eval-images", "16", "--log-every", "1"]
+TRAIN = ["train", "--config", "tiny", "--no-progress", "--eval-images", "16", "--log-every", "1", "--threads", "1"]
 
 
 def run(*argv):
@@ -56,6 +56,7 @@ def test_train_writes_the_run_directory(trained):
         "rollbacks",
         "train_seconds",
         "wall_seconds",
+        "threads",
     ]
     train_rows = [r for r in rows if r["train_bpd"]]
     assert [int(r["step"]) for r in train_rows] == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Training speed of a small preset alone and next to busy processes, for each way a user can
+spread it over the CPU cores.
+
+    python benchmarks/bench_contention.py [--config mnist] [--data ../shared/data/mnist.npz] \
+        [--steps 60] [--busy 1] [--json out.json]
+
+For every setting (2 threads, PyTorch's default; 1 thread; 2 threads with a passive OpenMP wait
+policy; 2 single-threaded DDP processes on gloo; flowpp's default, "auto"), run ``flowpp train`` for
+``--steps`` steps with the machine otherwise idle, then again next to ``--busy`` single-threaded
+busy loops; images/s are the mean of metrics.csv's ``img_per_s`` after the first 10 steps. The
+idle and busy runs of a setting are taken back to back, so slow drifts of a shared machine fall
+on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
+
+# name -> (extra environment, launcher: "plain" or "ddp", --threads or None for flowpp's default)
+SETTINGS = {
+    "2 threads (PyTorch's default)": ({}, "plain", 2),
+    "1 thread": ({}, "plain", 1),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "plain", 2),
+    "2 processes x 1 thread (DDP, gloo)": ({}, "ddp", 1),
+    "auto (flowpp's default)": ({}, "plain", None),
+}
+
+
+def run(config: str, data: str, steps: int, env_extra: dict, launcher: str, threads: int | None, out: Path) -> float:
+    args = ["train", "--config", config, "--data", data, "--out", str(out), "--max-steps", str(steps),
+            "--log-every", "5", "--eval-images", "16", "--checkpoint-minutes", "0", "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    if threads:
+        args += ["--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env.update(env_extra)
+    if launcher == "ddp":
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flowpp"]
+    else:
+        cmd = [sys.executable, "-m", "flowpp"]
+    proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd + args} failed:\n{proc.stderr[-3000:]}")
+    with open(out / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["img_per_s"] and int(r["step"]) > 10]
+    switches = json.loads((out / "summary.json").read_text()).get("thread_switches")
+    print(f"  {out.name}: threads per row {[r.get('threads') for r in rows]}, switches {switches}", flush=True)
+    return sum(float(r["img_per_s"]) for r in rows) / len(rows)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="mnist")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--busy", type=int, default=1, help="single-threaded busy loops beside the busy runs")
+    p.add_argument("--only", default=None, help="setting names separated by | (default: all)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    names = args.only.split("|") if args.only else list(SETTINGS)
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names):
+            env_extra, launcher, threads = SETTINGS[name]
+            idle = run(args.config, args.data, args.steps, env_extra, launcher, threads, Path(tmp) / f"{i}-idle")
+            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+            try:
+                time.sleep(0.5)
+                busy = run(args.config, args.data, args.steps, env_extra, launcher, threads, Path(tmp) / f"{i}-busy")
+            finally:
+                for h in hogs:
+                    h.kill()
+                    h.wait()
+            table[name] = {"idle_img_per_s": round(idle, 1), "busy_img_per_s": round(busy, 1),
+                           "busy_over_idle": round(busy / idle, 3)}  # fmt: skip
+            print(f"{name:40s} idle {idle:7.1f}  busy {busy:7.1f}  ratio {busy / idle:.3f}", flush=True)
+    result = {"config": args.config, "steps": args.steps, "busy_processes": args.busy, "settings": table}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
