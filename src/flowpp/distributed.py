@@ -55,7 +55,7 @@ class ThreadTuner:
     process takes one of the cores (the ``mnist`` preset on 2 cores: 65 images/s alone, 19 next
     to one busy process), while one thread is 25% slower on an idle machine but hardly slowed by
     a busy neighbour. So every so often the other choice is timed for a few steps, and taken
-    when it is more than 5% faster; a probe whose step takes over 1.5 times as long ends at once.
+    when it is more than 5% faster; a probe whose step takes over twice as long ends at once.
     The first probe comes after a few steps; one that confirms
     the current choice doubles the interval to the next (40 steps up to 640), so on a steady
     machine probing costs about 1-2% of the steps.
@@ -64,7 +64,7 @@ class ThreadTuner:
     switches is deterministic only to rounding; ``--threads N`` fixes the count (and exact resume).
     """
 
-    PROBE_STEPS, FIRST_PROBE, FIRST_INTERVAL, MAX_INTERVAL, MARGIN, ABORT = 4, 6, 40, 640, 0.95, 1.5
+    PROBE_STEPS, FIRST_PROBE, FIRST_INTERVAL, MAX_INTERVAL, MARGIN, ABORT = 4, 6, 40, 640, 0.95, 2.0
 
     def __init__(self, most: int, log=None):
         self.choices = (most, 1)
@@ -73,6 +73,7 @@ class ThreadTuner:
         self.interval, self.countdown = self.FIRST_INTERVAL, self.FIRST_PROBE
         self.probe: list[float] | None = None  # step times of the other choice while it is tried
         self.switches = 0
+        self.initial = torch.get_num_threads()
         torch.set_num_threads(most)
 
     @classmethod
@@ -81,6 +82,10 @@ class ThreadTuner:
         if threads != "auto" or device.type != "cpu" or torch.get_num_threads() < 2:
             return None
         return cls(torch.get_num_threads(), log)
+
+    def close(self) -> None:
+        """Give the process back the thread count it had before training."""
+        torch.set_num_threads(self.initial)
 
     @property
     def other(self) -> int:

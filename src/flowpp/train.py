@@ -865,7 +865,9 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                 say(f"the run ended on unhealthy steps: it keeps the weights of {ckpt_path}")
         if stop_reason == "signal":
             say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
-    t.thread_switches = tuner.switches if tuner is not None else 0
+    if tuner is not None:
+        t.thread_switches = tuner.switches
+        tuner.close()
     summary = finish_training(t, valid_x, stop_reason, ckpt_path, wall_start)
     if stop_reason == "diverged":
         raise TrainingDiverged(diverged_message(t, summary))
