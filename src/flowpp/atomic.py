@@ -6,6 +6,7 @@ previous file stays intact until the new one is complete.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -24,7 +25,17 @@ __all__ = [
     "write_json",
     "write_npz",
     "json_text",
+    "file_sha256",
 ]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

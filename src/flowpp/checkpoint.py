@@ -10,7 +10,6 @@ file under a checkpoint's name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import zipfile
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, file_sha256
 from .errors import FlowppError
 
 __all__ = [
@@ -43,14 +42,6 @@ class CheckpointError(FlowppError, ValueError):
     """A checkpoint could not be read, or does not fit what it is loaded into."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -62,7 +53,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
     def write_digest(written: Path) -> None:
         # Read back from disk, the digest also vouches for what was actually written.
-        atomic_write_text(digest_path(path), f"{_sha256(written)}  {path.name}\n")
+        atomic_write_text(digest_path(path), f"{file_sha256(written)}  {path.name}\n")
 
     try:
         atomic_write(path, lambda f: torch.save(payload, f), before_replace=write_digest)
@@ -91,7 +82,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
             expected = sidecar.read_text().split()[0]
         except (OSError, IndexError, UnicodeDecodeError) as e:
             raise CheckpointError(f"checkpoint digest {sidecar} is unreadable") from e
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 does not match {sidecar.name}")
     else:  # without a digest, at least the zip container's CRCs (torch.load does not check them)
         _check_zip_crcs(path)

@@ -104,14 +104,16 @@ class EvalParts:
         self.folder, self.key, self.chunk = Path(folder), key, int(key["chunk"])
         self.log = log or (lambda _m: None)
 
+    def _same_key(self) -> bool:
+        """Whether the folder holds parts of this evaluation (its key.json equals ``key``)."""
+        try:
+            return json.loads((self.folder / "key.json").read_text()) == json.loads(json_text(self.key))
+        except (OSError, ValueError):
+            return False
+
     def done(self) -> dict[int, np.ndarray]:
         """Chunk index -> (2, images of the chunk) float64 sums, for the chunks already saved."""
-        key_file = self.folder / "key.json"
-        try:
-            same = json.loads(key_file.read_text()) == json.loads(json_text(self.key))
-        except (OSError, ValueError):
-            same = False
-        if not same:
+        if not self._same_key():
             if self.folder.exists():
                 self.log(f"{self.folder}: discarding saved parts of another evaluation")
             return {}
@@ -128,15 +130,10 @@ class EvalParts:
 
     def start(self) -> None:
         """Begin saving (rank 0): a fresh folder unless it holds parts of this evaluation."""
-        key_file = self.folder / "key.json"
-        try:
-            same = json.loads(key_file.read_text()) == json.loads(json_text(self.key))
-        except (OSError, ValueError):
-            same = False
-        if not same:
+        if not self._same_key():
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
-            atomic_write_text(key_file, json_text(self.key))
+            atomic_write_text(self.folder / "key.json", json_text(self.key))
 
     def save(self, index: int, values: np.ndarray) -> None:
         atomic_write(self.folder / f"chunk-{index:07d}.npy", lambda f: np.save(f, values, allow_pickle=False))

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..atomic import atomic_write_text, fsync_dir, json_text
+from ..atomic import atomic_write_text, file_sha256, fsync_dir, json_text
 from .datasets import (
     _CELEBA_FILES,
     ALLOCATE,
@@ -105,14 +105,6 @@ def _signature(paths: list[Path]) -> list[dict]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _spot_digest(path: Path) -> str:
     """SHA-256 of 16 blocks spread evenly over the file (the first and the last included)."""
     size = path.stat().st_size
@@ -137,7 +129,7 @@ def _digests(path: Path) -> dict:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
     shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-    return {"shape": list(shape), "sha256": _sha256(path), "spot": _spot_digest(path)}
+    return {"shape": list(shape), "sha256": file_sha256(path), "spot": _spot_digest(path)}
 
 
 def _reduce_in_place(images: np.ndarray, levels: int, num_levels: int, dataset, say) -> int:
@@ -176,7 +168,7 @@ def _problem(folder: Path, dataset, data_dir, full: bool = False) -> str | None:
             if arr.offset + arr.size != path.stat().st_size:
                 return f"{name} has {path.stat().st_size} bytes, its header needs {arr.offset + arr.size}"
             del arr
-            if _spot_digest(path) != info["spot"] or (full and _sha256(path) != info["sha256"]):
+            if _spot_digest(path) != info["spot"] or (full and file_sha256(path) != info["sha256"]):
                 return f"{name} is damaged (its digest does not match the manifest)"
         recorded = [{k: s[k] for k in ("path", "size", "mtime_ns")} for s in m["sources"]]
     except (KeyError, TypeError) as e:
@@ -352,7 +344,7 @@ def _build(tmp: Path, dataset, data_dir, num_levels, download, sources, say, exp
         "descriptions": descriptions,
         "files": files,
         "sources": [
-            dict(s, sha256=_sha256(Path(s["path"])) if s["size"] is not None else None) for s in _signature(sources)
+            dict(s, sha256=file_sha256(Path(s["path"])) if s["size"] is not None else None) for s in _signature(sources)
         ],  # fmt: skip
         "seconds": round(time.monotonic() - t0, 1),
     }
