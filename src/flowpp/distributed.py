@@ -58,7 +58,7 @@ class ThreadTuner:
     when it is more than 5% faster; a probe whose step takes over twice as long ends at once.
     The first probe comes after a few steps; one that confirms
     the current choice doubles the interval to the next (40 steps up to 640), so on a steady
-    machine probing costs about 1-2% of the steps.
+    machine a 20-minute run has about 7 probes of at most 5 steps (an estimate, by count).
 
     The thread count changes the order of floating-point sums in some kernels, so a run that
     switches is deterministic only to rounding; ``--threads N`` fixes the count (and exact resume).

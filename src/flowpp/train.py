@@ -54,6 +54,7 @@ __all__ = [
     "TrainSettings",
     "TrainState",
     "TrainingDiverged",
+    "Prefetch",
     "health_problem",
     "parameter_norm",
     "EMA",
@@ -445,11 +446,12 @@ class CheckpointKeeper:
         """Write a checkpoint unless the weights are unhealthy: non-finite, or their norm grown over
         PARAM_NORM_GROWTH x since the last checkpoint. Every rank judges (the weights are the same
         everywhere) and updates ``state`` alike; rank 0 writes."""
-        problem = self.weights_problem(model, ema, state)
+        norm = parameter_norm(model)
+        problem = self.weights_problem(model, ema, norm, state.checkpoint_param_norm)
         if problem:
             self.log(f"step {state.step}: not writing a checkpoint: {problem}")
             return None
-        state.checkpoint_param_norm = parameter_norm(model)
+        state.checkpoint_param_norm = norm
         if not self.dist.is_main:
             return None
         ck = dict(
@@ -466,7 +468,8 @@ class CheckpointKeeper:
         return self.run.save_checkpoint(state.step, ck, self.keep, log=self.log, protect=protect)
 
     @staticmethod
-    def weights_problem(model: FlowPlusPlus, ema: EMA, state: TrainState) -> str | None:
+    def weights_problem(model: FlowPlusPlus, ema: EMA, norm: float, before: float | None) -> str | None:
+        """Why weights of norm ``norm`` (``before`` at the last checkpoint) must not be saved, or None."""
         bad = [
             f"{which}.{n}"
             for which, m in (("model", model), ("ema", ema.model))
@@ -475,7 +478,6 @@ class CheckpointKeeper:
         ]
         if bad:
             return f"non-finite values in {bad[:3]}"
-        norm, before = parameter_norm(model), state.checkpoint_param_norm
         if before and not norm <= PARAM_NORM_GROWTH * before:
             return f"the weights' norm grew from {before:.4g} to {norm:.4g} since the last checkpoint"
         return None
