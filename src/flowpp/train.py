@@ -893,11 +893,12 @@ def roll_back(t: Trainer, problem: str) -> bool:
     state, say = t.state, t.say
     state.rollbacks_in_row += 1
     if state.rollbacks_in_row > t.settings.max_rollbacks:
-        say(f"step {state.step}: still unhealthy ({problem}) after {t.settings.max_rollbacks} rollback(s) in a row")
+        tried = f"after {state.rollbacks} rollback(s)" if state.rollbacks else "with no checkpoint to roll back to"
+        say(f"step {state.step}: still unhealthy ({problem}) {tried}; stopping")
         return True
     back = t.keeper.rollback(t.model, t.ema, t.opt, state.rollback_step)
     if back is None:
-        say("no checkpoint to roll back to yet; skipping on")
+        say(f"no checkpoint to roll back to yet; skipping on ({state.rollbacks_in_row} of {t.settings.max_rollbacks})")
         return False
     path, state.rollback_step = back  # the same good checkpoint for the whole series
     state.rollbacks, state.rewarm_from = state.rollbacks + 1, state.step
@@ -916,6 +917,12 @@ def diverged_message(t: Trainer, summary: dict) -> str:
         good = f"its newest checkpoint is {found[-1]}" if found else "it has no checkpoint"
     best = summary.get("best_checkpoint")
     best = f" and its best model {best} (valid {summary['best_valid_bpd']:.4f} bits/dim)" if best else ""
+    if not found:
+        return (
+            f"training diverged by step {t.state.step}, before its first checkpoint: the loss stayed unhealthy "
+            f"for {t.settings.max_bad_steps * (t.settings.max_rollbacks + 1)} steps. Start again with a lower "
+            "--lr (or a longer warm-up: --set warmup_steps=N), or see --spike-ratio if the rise in loss is expected"
+        )
     return (
         f"training diverged by step {t.state.step}: {t.state.rollbacks} rollback(s) (learning rate scaled "
         f"down to {t.state.lr_scale:g}) did not make it healthy; {good}{best}. Resume with a lower --lr, "

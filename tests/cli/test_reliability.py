@@ -15,7 +15,7 @@ import torch
 import flowpp
 from flowpp.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from flowpp.cli import main
-from flowpp.train import TrainSettings, train
+from flowpp.train import TrainingDiverged, TrainSettings, train
 
 ARGS = [
     "--config",
@@ -237,6 +237,23 @@ def test_a_loss_spike_is_skipped_and_a_persistent_one_rolled_back(tmp_path, tiny
         "checkpoint-00000092.pt",
         "checkpoint-00000096.pt",
     ]
+
+
+def test_a_run_unhealthy_before_its_first_checkpoint_stops_and_says_so(tmp_path, tiny_npz):
+    # Skipping cannot help when the weights themselves went bad and nothing was saved yet: the
+    # loss stays high, so the run stops and says to start again rather than to resume.
+    msgs = []
+    with pytest.raises(TrainingDiverged, match="before its first checkpoint.*Start again with a lower --lr"):
+        train(
+            flowpp.get_config("tiny"),
+            _settings(tmp_path / "run", max_steps=200, checkpoint_every=100),
+            *_data(tiny_npz),
+            step_hook=lambda step, loss: loss * 3 if step >= 20 else loss,
+            log=msgs.append,
+        )
+    assert sum("no checkpoint to roll back to yet" in m for m in msgs) == 3
+    assert any("with no checkpoint to roll back to; stopping" in m for m in msgs)
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
 
 
 def test_the_spike_guard_can_be_turned_off(tmp_path, tiny_npz):
