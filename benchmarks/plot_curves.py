@@ -1,10 +1,11 @@
 """Learning curves from run directories: valid bits/dim against wall-clock and images seen.
 
-    python benchmarks/plot_curves.py RUN_DIR [RUN_DIR ...] --out curves.png [--labels a b ...]
+    python benchmarks/plot_curves.py RUN_DIR|TABLE.md [...] --out curves.png [--labels a b ...]
 
 Reads each run's metrics.csv (rows with a valid_bpd) and writes one PNG with two panels and a
-markdown table of the points next to it (same name, .md). Needs matplotlib (`pip install
-matplotlib`, or the `plots` extra).
+markdown table of the points next to it (same name, .md). A .md table this script wrote before
+stands for the runs in it (under their labels there), so a curve outlives its run directory.
+Needs matplotlib (`pip install matplotlib`, or the `plots` extra).
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ def read_curve(run_dir: Path) -> list[dict]:
     ]
 
 
+def read_table(path: Path) -> dict[str, list[dict]]:
+    """The curves of a markdown table written by this script, by label."""
+    curves: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines()[2:]:
+        label, step, images, minutes, bpd = (c.strip() for c in line.strip().strip("|").split("|"))
+        point = dict(step=int(step), images=int(images.replace(",", "")), minutes=float(minutes), valid_bpd=float(bpd))
+        curves.setdefault(label, []).append(point)
+    return curves
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
@@ -36,8 +47,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    labels = args.labels or [r.name for r in args.runs]
-    curves = {label: read_curve(r) for label, r in zip(labels, args.runs)}
+    run_dirs = [r for r in args.runs if r.suffix != ".md"]
+    labels = args.labels or [r.name for r in run_dirs]
+    if len(labels) != len(run_dirs):
+        p.error(f"{len(labels)} labels for {len(run_dirs)} run directories")
+    curves = {}
+    for r in args.runs:
+        if r.suffix == ".md":
+            curves.update(read_table(r))
+        else:
+            curves[labels[run_dirs.index(r)]] = read_curve(r)
 
     lines = ["| run | step | images seen | wall-clock (min) | valid bpd |", "|---|---:|---:|---:|---:|"]
     for label, pts in curves.items():

@@ -183,3 +183,51 @@ def test_bench_data_measures_the_data_path(tmp_path):
     assert result["images"] == 270 and result["image_shape"] == [32, 32, 3]
     for key in ("img_per_s_gather_nhwc", "img_per_s_gather_nchw_storage", "img_per_s_gather_and_noise"):
         assert result[key] > 0
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_photo_patches_stay_inside_their_columns():
+    import numpy as np
+
+    patches = _load_script("make_photo_patches")
+    # Red = column index: a box average of columns in [start, stop) stays in that range.
+    photo = np.zeros((200, 256, 3), np.uint8)
+    photo[..., 0] = np.arange(256, dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    train = patches.cut_patches(photo, 64, (0, 192), rng)
+    test = patches.cut_patches(photo, 64, (192, 256), rng)
+    assert train.shape == test.shape == (64, 32, 32, 3) and train.dtype == np.uint8
+    assert train[..., 0].max() < 192 <= test[..., 0].min()
+    # Both orientations occur (red rises or falls along a row) and several scales (spread of red).
+    rising = train[:, 0, -1, 0] > train[:, 0, 0, 0]
+    assert rising.any() and (~rising).any()
+    assert len({abs(int(p[0, -1, 0]) - int(p[0, 0, 0])) for p in train}) > 2
+
+
+def test_plot_curves_reads_its_own_tables_back(tmp_path):
+    plot = _load_script("plot_curves")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "step,images_seen,train_bpd,valid_bpd,wall_seconds,train_seconds\n"
+        "10,320,5.0,,6,6\n20,640,4.0,3.5,12,11\n40,1280,3.0,2.25,30,27\n"
+    )
+    first = tmp_path / "first.png"
+    assert plot.main([str(run), "--out", str(first), "--labels", "before"]) == 0
+    assert plot.read_table(first.with_suffix(".md")) == {
+        "before": [
+            dict(step=20, images=640, minutes=0.2, valid_bpd=3.5),
+            dict(step=40, images=1280, minutes=0.5, valid_bpd=2.25),
+        ]
+    }
+    both = tmp_path / "both.png"
+    assert plot.main([str(first.with_suffix(".md")), str(run), "--out", str(both), "--labels", "after"]) == 0
+    assert set(plot.read_table(both.with_suffix(".md"))) == {"before", "after"} and both.stat().st_size > 0
