@@ -463,7 +463,28 @@ def test_inverse_logit_accuracy_property(mix, vs, dtype):
     x = M.mixture_inverse_logit_cdf(v, logits, means, log_scales)
     assert torch.isfinite(x).all()
     _, ratio = inverse_errors(v, logits, means, log_scales, x, abs_slack=SOLVER_ABS_SLACK)
-    assert ratio.max() <= 64, ratio
+    # Or backward-accurate: where the CDF has a plateau within a few ulps of the target (two
+    # components far apart, a third with negligible weight between them), float32 cannot tell the
+    # plateau from the root, and a point on it solves the problem to rounding (PLATEAU_CASE).
+    r = ref_terms(_np(x).astype(np.float64), logits, means, log_scales)
+    residual = np.abs(r["cdf"] - r["sf"] - _np(v))
+    ok = (ratio <= 64) | (residual <= 64 * torch.finfo(dtype).eps * (1 + np.abs(_np(v))))
+    assert ok.all(), (ratio, residual)
+
+
+# Found by the property test above: weights (1/2, 4e-7, 1/2) at means (-1000, -1000, 1000), scales
+# e^-7. F = 1/2 + 2e-7 across the whole gap, 14 float32 ulps of logit F from the target 0; the root
+# is at -999.987. The float32 solver stops on the plateau (x = -0.0004): backward-accurate, 1000 off.
+PLATEAU_CASE = ([7.0, -7.0, 7.0], [-1000.0, -1000.0, 1000.0], [-7.0, -7.0, -7.0])
+
+
+@pytest.mark.xfail(strict=True, reason="float32 stops on a CDF plateau a few ulps from the target")
+def test_inverse_on_a_float32_plateau_finds_the_root():
+    logits, means, log_scales = (torch.tensor(a, dtype=torch.float32).expand(1, -1) for a in PLATEAU_CASE)
+    v = torch.zeros(1)
+    x = M.mixture_inverse_logit_cdf(v, logits, means, log_scales)
+    _, ratio = inverse_errors(v, logits, means, log_scales, x)
+    assert ratio.max() <= 64
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
