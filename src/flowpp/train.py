@@ -911,18 +911,19 @@ def roll_back(t: Trainer, problem: str) -> bool:
 
 def diverged_message(t: Trainer, summary: dict) -> str:
     found = list_checkpoints(t.run.checkpoints)
-    if t.state.rollback_step is not None:
-        good = f"its last good checkpoint is {t.run.checkpoint_file(t.state.rollback_step)}"
-    else:
-        good = f"its newest checkpoint is {found[-1]}" if found else "it has no checkpoint"
     best = summary.get("best_checkpoint")
     best = f" and its best model {best} (valid {summary['best_valid_bpd']:.4f} bits/dim)" if best else ""
     if not found:
         return (
-            f"training diverged by step {t.state.step}, before its first checkpoint: the loss stayed unhealthy "
-            f"for {t.settings.max_bad_steps * (t.settings.max_rollbacks + 1)} steps. Start again with a lower "
-            "--lr (or a longer warm-up: --set warmup_steps=N), or see --spike-ratio if the rise in loss is expected"
+            f"training diverged by step {t.state.step}, before its first checkpoint{best}: the loss stayed "
+            f"unhealthy for {t.settings.max_bad_steps * (t.settings.max_rollbacks + 1)} steps. Start again with a "
+            "lower --lr (or a longer warm-up: --set warmup_steps=N), or see --spike-ratio if the rise in loss is "
+            "expected"
         )
+    if t.state.rollback_step is not None:
+        good = f"its last good checkpoint is {t.run.checkpoint_file(t.state.rollback_step)}"
+    else:
+        good = f"its newest checkpoint is {found[-1]}"
     return (
         f"training diverged by step {t.state.step}: {t.state.rollbacks} rollback(s) (learning rate scaled "
         f"down to {t.state.lr_scale:g}) did not make it healthy; {good}{best}. Resume with a lower --lr, "
