@@ -3,14 +3,14 @@
 spread it over the CPU cores.
 
     python benchmarks/bench_contention.py [--config mnist] [--data ../shared/data/mnist.npz] \
-        [--steps 60] [--busy 1] [--json out.json]
+        [--steps 60] [--batch-size B] [--busy 1] [--only "NAME|NAME"] [--json out.json]
 
 For every setting (2 threads, PyTorch's default; 1 thread; 2 threads with a passive OpenMP wait
-policy; 2 single-threaded DDP processes on gloo; flowpp's default, "auto"), run ``flowpp train`` for
-``--steps`` steps with the machine otherwise idle, then again next to ``--busy`` single-threaded
-busy loops; images/s are the mean of metrics.csv's ``img_per_s`` after the first 10 steps. The
-idle and busy runs of a setting are taken back to back, so slow drifts of a shared machine fall
-on both.
+policy; 2, 3 or 4 single-threaded DDP processes on gloo under torchrun; ``--threads auto``;
+flowpp's default, which starts its own processes), run ``flowpp train`` for ``--steps`` steps
+with the machine otherwise idle, then again next to ``--busy`` single-threaded busy loops;
+images/s are the mean of metrics.csv's ``img_per_s`` after the first 10 steps. The idle and busy
+runs of a setting are taken back to back, so slow drifts of a shared machine fall on both.
 """
 
 from __future__ import annotations
@@ -28,27 +28,41 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
 
-# name -> (extra environment, launcher: "plain" or "ddp", --threads or None for flowpp's default)
+# name -> (extra environment, processes (1: plain, more: DDP on gloo), --threads or None for flowpp's default)
 SETTINGS = {
-    "2 threads (PyTorch's default)": ({}, "plain", 2),
-    "1 thread": ({}, "plain", 1),
-    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "plain", 2),
-    "2 processes x 1 thread (DDP, gloo)": ({}, "ddp", 1),
-    "auto (flowpp's default)": ({}, "plain", None),
+    "2 threads (PyTorch's default)": ({}, 1, 2),
+    "1 thread": ({}, 1, 1),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1, 2),
+    "2 processes x 1 thread (DDP, gloo)": ({}, 2, 1),
+    "3 processes x 1 thread (DDP, gloo)": ({}, 3, 1),
+    "4 processes x 1 thread (DDP, gloo)": ({}, 4, 1),
+    "--threads auto (2 threads or 1, tuned)": ({}, 1, "auto"),
+    "flowpp's default (--procs auto)": ({}, 1, None),
 }
 
 
-def run(config: str, data: str, steps: int, env_extra: dict, launcher: str, threads: int | None, out: Path) -> float:
+def run(config: str, data: str, steps: int, batch: int | None, env_extra: dict, procs: int,
+        threads: int | str | None, out: Path) -> float:  # fmt: skip
     args = ["train", "--config", config, "--data", data, "--out", str(out), "--max-steps", str(steps),
             "--log-every", "5", "--eval-images", "16", "--checkpoint-minutes", "0", "--no-progress",
             "--device", "cpu"]  # fmt: skip
     if threads:
         args += ["--threads", str(threads)]
+    if batch:
+        args += ["--batch-size", str(batch)]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     env.update(env_extra)
-    if launcher == "ddp":
+    if procs > 1:
         env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flowpp"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "flowpp",
+        ]
     else:
         cmd = [sys.executable, "-m", "flowpp"]
     proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True)
@@ -56,8 +70,9 @@ def run(config: str, data: str, steps: int, env_extra: dict, launcher: str, thre
         raise SystemExit(f"{cmd + args} failed:\n{proc.stderr[-3000:]}")
     with open(out / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["img_per_s"] and int(r["step"]) > 10]
-    switches = json.loads((out / "summary.json").read_text()).get("thread_switches")
-    print(f"  {out.name}: threads per row {[r.get('threads') for r in rows]}, switches {switches}", flush=True)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"  {out.name}: {summary['world_size']} process(es), threads per row {[r.get('threads') for r in rows]}, "
+          f"switches {summary.get('thread_switches')}", flush=True)  # fmt: skip
     return sum(float(r["img_per_s"]) for r in rows) / len(rows)
 
 
@@ -66,6 +81,7 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default="mnist")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
     p.add_argument("--busy", type=int, default=1, help="single-threaded busy loops beside the busy runs")
     p.add_argument("--only", default=None, help="setting names separated by | (default: all)")
     p.add_argument("--json", default=None)
@@ -74,12 +90,23 @@ def main(argv=None) -> dict:
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
-            env_extra, launcher, threads = SETTINGS[name]
-            idle = run(args.config, args.data, args.steps, env_extra, launcher, threads, Path(tmp) / f"{i}-idle")
+            env_extra, procs, threads = SETTINGS[name]
+            idle = run(
+                args.config, args.data, args.steps, args.batch_size, env_extra, procs, threads, Path(tmp) / f"{i}-idle"
+            )
             hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
             try:
                 time.sleep(0.5)
-                busy = run(args.config, args.data, args.steps, env_extra, launcher, threads, Path(tmp) / f"{i}-busy")
+                busy = run(
+                    args.config,
+                    args.data,
+                    args.steps,
+                    args.batch_size,
+                    env_extra,
+                    procs,
+                    threads,
+                    Path(tmp) / f"{i}-busy",
+                )
             finally:
                 for h in hogs:
                     h.kill()
@@ -87,7 +114,13 @@ def main(argv=None) -> dict:
             table[name] = {"idle_img_per_s": round(idle, 1), "busy_img_per_s": round(busy, 1),
                            "busy_over_idle": round(busy / idle, 3)}  # fmt: skip
             print(f"{name:40s} idle {idle:7.1f}  busy {busy:7.1f}  ratio {busy / idle:.3f}", flush=True)
-    result = {"config": args.config, "steps": args.steps, "busy_processes": args.busy, "settings": table}
+    result = {
+        "config": args.config,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "busy_processes": args.busy,
+        "settings": table,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

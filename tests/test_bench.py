@@ -231,3 +231,20 @@ def test_plot_curves_reads_its_own_tables_back(tmp_path):
     both = tmp_path / "both.png"
     assert plot.main([str(first.with_suffix(".md")), str(run), "--out", str(both), "--labels", "after"]) == 0
     assert set(plot.read_table(both.with_suffix(".md"))) == {"before", "after"} and both.stat().st_size > 0
+
+
+def test_bench_contention_tiny(tmp_path):
+    # The digits data is built in; two settings, each idle and next to one busy loop.
+    out = tmp_path / "contention.json"
+    only = "1 thread|2 processes x 1 thread (DDP, gloo)"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_contention.py"), "--config", "digits", "--data", "digits",
+           "--steps", "12", "--batch-size", "8", "--only", only, "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["batch_size"] == 8 and doc["busy_processes"] == 1
+    assert set(doc["settings"]) == set(only.split("|"))
+    for row in doc["settings"].values():
+        assert row["idle_img_per_s"] > 0 and row["busy_img_per_s"] > 0
+        assert row["busy_over_idle"] == pytest.approx(row["busy_img_per_s"] / row["idle_img_per_s"], abs=2e-3)
+    assert "2 process(es)" in proc.stdout and "1 process(es)" in proc.stdout

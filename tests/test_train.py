@@ -138,8 +138,8 @@ def test_train_step_computes_clipped_gradients_without_stepping(tiny_model):
 
 
 def test_agree_in_one_process_is_the_local_verdict():
-    assert agree(torch.tensor(True), torch.tensor(2.5), False, DistInfo()) == (True, 2.5, False)
-    assert agree(torch.tensor(False), torch.tensor(float("nan")), True, DistInfo())[::2] == (False, True)
+    assert agree(torch.tensor(True), torch.tensor(2.5), False, DistInfo(), (0.5, 7.0)) == (True, 2.5, False, (0.5, 7.0))
+    assert agree(torch.tensor(False), torch.tensor(float("nan")), True, DistInfo())[:3:2] == (False, True)
 
 
 def test_batches_cover_each_epoch_once_and_resume_mid_epoch():

@@ -256,6 +256,14 @@ def _add_train(sub, parents) -> None:
     g.add_argument("--log-every", type=_positive_int, default=d("log_every"), help="write a metrics row every N steps")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and settings, then exit")
+    g.add_argument(
+        "--procs",
+        type=_threads,
+        default="auto",
+        help="CPU training processes (DDP on gloo, started by flowpp; each with --threads threads, default 1). "
+        "auto: one more than the cores when --threads is not given (training keeps most of its speed next to "
+        "other busy processes; docs/performance.md), else 1; never on a GPU or under torchrun",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,8 +395,13 @@ def _train(args) -> int:
     settings = TrainSettings(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)}
     )
-    if settings.threads is None:  # a busy machine must not stall training: adapt unless told
-        settings = dataclasses.replace(settings, threads="auto")
+    from .distributed import auto_processes
+
+    procs = args.procs
+    if procs == "auto":  # a busy machine must not stall training: one process more than cores
+        procs = auto_processes(args.device, config.batch_size) if settings.threads is None else 1
+    if settings.threads is None:
+        settings = dataclasses.replace(settings, threads=1 if procs > 1 else "auto")
     jobs.train_job(
         config,
         settings,
@@ -398,6 +411,8 @@ def _train(args) -> int:
         resume=args.resume,
         dry_run=args.dry_run,
         prepared=args.prepared,
+        processes=procs,
+        argv=args.argv,
     )
     return 0
 
@@ -426,6 +441,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what processes started by `train` run
     from .distributed import set_threads
     from .errors import FlowppError
 

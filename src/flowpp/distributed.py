@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .errors import FlowppError, UsageError
 
 __all__ = [
     "DistInfo",
     "resolve_device",
     "set_threads",
     "ThreadTuner",
+    "auto_processes",
+    "LocalWorkers",
     "setup_distributed",
     "shutdown_distributed",
     "all_reduce_sum",
@@ -119,6 +127,125 @@ class ThreadTuner:
             self.interval = min(2 * self.interval, self.MAX_INTERVAL)
         self.probe, self.countdown = None, self.interval
         torch.set_num_threads(self.current)
+
+
+# Each process should get at least this many images of the global batch: below it, per-operation
+# overhead outweighs what another process adds.
+MIN_IMAGES_PER_PROCESS = 8
+
+
+def auto_processes(device: str, batch_size: int) -> int:
+    """How many single-threaded processes ``flowpp train`` trains on by default: on a CPU with C
+    cores, C + 1 (at most one per MIN_IMAGES_PER_PROCESS images of the global batch); 1 on a GPU,
+    under torchrun, on one core, or when that leaves fewer than 3.
+
+    Why one more process than cores: the scheduler shares the cores between runnable threads, so
+    next to one busy process, C + 1 processes get (C + 1) / (C + 2) of the machine where C threads
+    get C / (C + 1), and processes meet once a step (the gradient all-reduce) where OpenMP threads
+    meet at every operation and spin while one of them waits for a core. Measured on 2 cores
+    (``benchmarks/bench_contention.py``, docs/performance.md): 3 processes train 5% slower than 2
+    threads on an idle machine and keep 0.77 of their speed next to a busy process (2 threads: 0.25).
+    """
+    if os.environ.get("WORLD_SIZE") or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return 1
+    cores = torch.get_num_threads()  # PyTorch's choice: the physical cores, or OMP_NUM_THREADS
+    procs = min(cores + 1, batch_size // MIN_IMAGES_PER_PROCESS) if cores >= 2 else 1
+    return procs if procs >= 3 else 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalWorkers:
+    """Runs this process as rank 0 of ``n`` on this machine, ranks 1..n-1 being child processes that
+    run the same command (``python -m flowpp ARGV``) with one thread each: what torchrun would do,
+    without the user having to know it.
+
+    Used as a context manager around training. The children print nothing (rank 0 reports); when
+    one fails, its last lines of stderr are the error. A child that dies while rank 0 waits for it
+    in a collective would leave rank 0 waiting for the process group's timeout, so a watchdog ends
+    this process GRACE seconds after a child failed if rank 0 has not ended by then (its last
+    checkpoint is safe: checkpoints are written atomically)."""
+
+    GRACE = 30.0
+
+    def __init__(self, n: int, argv: list[str], threads: int = 1):
+        self.n, self.argv, self.threads = n, list(argv), threads
+        self.children: list[tuple[int, subprocess.Popen, object]] = []
+        self.done = threading.Event()
+        self.killed = False
+
+    def __enter__(self) -> "LocalWorkers":
+        group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(self.n),
+                 "LOCAL_WORLD_SIZE": str(self.n), "OMP_NUM_THREADS": str(self.threads)}  # fmt: skip
+        self.saved_env = {k: os.environ.get(k) for k in (*group, "RANK", "LOCAL_RANK")}
+        self.saved_threads = torch.get_num_threads()
+        try:
+            for rank in range(1, self.n):
+                err = tempfile.TemporaryFile()
+                env = {**os.environ, **group, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                cmd = [sys.executable, "-m", "flowpp", *self.argv]
+                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                self.children.append((rank, proc, err))
+        except BaseException:
+            self._stop_children()
+            raise
+        os.environ.update(group, RANK="0", LOCAL_RANK="0")
+        torch.set_num_threads(self.threads)
+        threading.Thread(target=self._watch, name="flowpp-workers", daemon=True).start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.done.set()
+        if exc_type is None:
+            for _, proc, _ in self.children:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass
+        self._stop_children()
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.set_num_threads(self.saved_threads)
+        failure = self.failure()
+        if failure is not None and not isinstance(exc, FlowppError):
+            raise FlowppError(failure) from exc
+        return False
+
+    def failure(self) -> str | None:
+        """What the first child that failed on its own said last, or None."""
+        for rank, proc, err in self.children:
+            rc = proc.poll()
+            if rc not in (None, 0) and not (self.killed and rc < 0):
+                err.seek(0)
+                lines = err.read().decode(errors="replace").strip().splitlines()
+                said = lines[-1] if lines else "no output"  # an error message, or a traceback's exception
+                return f"training process {rank} of {self.n} failed (exit status {rc}): {said}"
+        return None
+
+    def _stop_children(self) -> None:
+        self.killed = True
+        for _, proc, _ in self.children:
+            if proc.poll() is None:
+                proc.kill()
+        for _, proc, _ in self.children:
+            proc.wait()
+
+    def _watch(self) -> None:
+        failed_at = None
+        while not self.done.wait(1.0):
+            if failed_at is None and self.failure() is not None:
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > self.GRACE:
+                print(f"flowpp: error: {self.failure()}", file=sys.stderr, flush=True)
+                self._stop_children()
+                os._exit(2)  # rank 0 is stuck in a collective: nothing else would end it
 
 
 @dataclass(frozen=True)

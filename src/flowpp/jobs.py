@@ -3,6 +3,7 @@ line and calls one of these; tests and scripts can call them directly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -150,8 +151,14 @@ def train_job(
     resume: bool = False,
     dry_run: bool = False,
     prepared: bool | None = None,
+    processes: int = 1,
+    argv: list[str] | None = None,
 ) -> dict:
-    """Train into ``settings.out_dir``. Resuming, the dataset and validation split default to the run's."""
+    """Train into ``settings.out_dir``. Resuming, the dataset and validation split default to the run's.
+
+    ``processes`` > 1 (on a CPU, outside torchrun): this process trains as rank 0 and starts the
+    others, which run ``flowpp ARGV`` (the same command) once the data is ready here (so a
+    download happens once)."""
     saved = RunDir(settings.out_dir).read_settings() if resume else {}
     data = data or saved.get("dataset") or _default_dataset(config)
     if data is None:
@@ -177,10 +184,18 @@ def train_job(
         f"{valid_split} images"
     )
     settings = dataclasses.replace(settings, dataset_description=train_set.description)
+    workers = contextlib.nullcontext()
+    if processes > 1 and not os.environ.get("WORLD_SIZE"):
+        if argv is None:
+            raise UsageError("training on several processes needs the command line they run (argv)")
+        threads = settings.threads if isinstance(settings.threads, int) else 1
+        workers = D.LocalWorkers(processes, argv, threads)
+        print(f"training on {processes} processes x {threads} thread(s) (DDP on gloo; --procs 1 for one)")
     try:
-        summary = train(
-            config, settings, train_set.images, valid_set.images, num_levels=train_set.num_levels, resume=resume
-        )
+        with workers:
+            summary = train(
+                config, settings, train_set.images, valid_set.images, num_levels=train_set.num_levels, resume=resume
+            )
     finally:
         D.shutdown_distributed()
     print(json.dumps(summary, indent=2))

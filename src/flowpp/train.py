@@ -346,13 +346,21 @@ def train_step(
     lr: float,
     hook: Callable[[int, Tensor], Tensor] | None = None,
     step: int = 0,
+    share: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward and backward of one (local) batch with clipped gradients; the optimizer does not
-    step yet. Returns (loss in bits/dim, gradient norm on the nats scale, finite flag) as tensors."""
+    step yet. Returns (loss in bits/dim, gradient norm on the nats scale, finite flag) as tensors.
+
+    ``share``: this process's images over the global batch, times the number of processes. DDP
+    averages the processes' gradients, so scaling each local mean by its share makes that average
+    the gradient of the global batch's mean even when the batch does not split evenly (and the
+    mean of the returned losses its loss)."""
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
     loss = -net(x, check=False, noise=noise).mean() / model.config.nats_per_bpd
+    if share != 1.0:
+        loss = loss * share
     if hook is not None:
         loss = hook(step, loss)
     opt.zero_grad(set_to_none=True)
@@ -361,20 +369,32 @@ def train_step(
     return loss.detach(), grad_norm, finite
 
 
-def agree(finite: Tensor, loss: Tensor, stop_requested: bool, dist: D.DistInfo) -> tuple[bool, float, bool]:
-    """(step?, global mean loss, stop?): every rank must agree to step or skip, and to stop on a
-    signal, or the next collective would hang."""
+def agree(
+    finite: Tensor, loss: Tensor, stop_requested: bool, dist: D.DistInfo, clock: tuple[float, float] = (0.0, 0.0)
+) -> tuple[bool, float, bool, tuple[float, float]]:
+    """(step?, global mean loss, stop?, rank 0's ``clock``): every rank must agree to step or skip,
+    and to stop on a signal, or the next collective would hang. ``clock`` is (the previous step's
+    seconds, the run's wall-clock seconds): every rank takes rank 0's, so that the time budget, the
+    learning rate that follows it and the timed evaluations and checkpoints are the same everywhere
+    (each process's own clock differs by a little, and a learning rate that differs by a little
+    makes the copies of the weights drift apart)."""
     if not dist.enabled:
-        return bool(finite), float(loss), stop_requested
-    votes = torch.stack(
+        return bool(finite), float(loss), stop_requested, clock
+    rank0_clock = clock if dist.is_main else (0.0, 0.0)
+    votes = torch.cat(
         [
-            finite.to(torch.float64).reshape(()),
-            loss.double().reshape(()),
-            torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device),
+            finite.to(torch.float64).reshape(1),
+            loss.double().reshape(1),
+            torch.tensor([float(stop_requested), *rank0_clock], dtype=torch.float64, device=loss.device),
         ]
     )
     votes = D.all_reduce_sum(votes, dist).cpu()
-    return bool(votes[0].item() == dist.world_size), float(votes[1]) / dist.world_size, bool(votes[2] > 0)
+    return (
+        bool(votes[0].item() == dist.world_size),
+        float(votes[1]) / dist.world_size,
+        bool(votes[2] > 0),
+        (float(votes[3]), float(votes[4])),
+    )
 
 
 def health_problem(finite: bool, loss: float, state: TrainState, spike_ratio: float | None) -> str | None:
@@ -639,18 +659,17 @@ class _Stop:
 
 
 class _Every:
-    """Due every ``steps`` steps or every ``minutes`` of wall-clock, whichever comes first."""
+    """Due every ``steps`` steps or every ``minutes`` of the run's wall-clock (seconds ``now``, the
+    same on every process), whichever comes first."""
 
-    def __init__(self, steps: int | None, minutes: float | None):
-        self.steps, self.seconds, self.last = steps, minutes * 60 if minutes else None, time.monotonic()
+    def __init__(self, steps: int | None, minutes: float | None, now: float):
+        self.steps, self.seconds, self.last = steps, minutes * 60 if minutes else None, now
 
-    def due(self, step: int) -> bool:
-        return bool(
-            (self.steps and step % self.steps == 0) or (self.seconds and time.monotonic() - self.last >= self.seconds)
-        )
+    def due(self, step: int, now: float) -> bool:
+        return bool((self.steps and step % self.steps == 0) or (self.seconds and now - self.last >= self.seconds))
 
-    def reset(self) -> None:
-        self.last = time.monotonic()
+    def reset(self, now: float) -> None:
+        self.last = now
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -687,10 +706,10 @@ def start_training(
     dist = D.setup_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    if config.batch_size % dist.world_size:
+    if config.batch_size < dist.world_size:
         raise UsageError(
-            f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
-            f"number of processes ({dist.world_size})"
+            f"--batch-size {config.batch_size} is the global batch and must be at least the number of "
+            f"processes ({dist.world_size}): each takes a part of it"
         )
     say = log if dist.is_main else (lambda *_: None)
     if dist.is_main:
@@ -771,14 +790,15 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
     mine = slice(
         dist.rank * config.batch_size // dist.world_size, (dist.rank + 1) * config.batch_size // dist.world_size
     )
+    share = (mine.stop - mine.start) * dist.world_size / config.batch_size
     progress = functools.partial(budget_used, settings, state)
     depth = settings.prefetch if settings.prefetch is not None else (2 if t.device.type == "cuda" else 0)
     batches = Prefetch(_batches(t, mine), depth)
-    eval_timer = _Every(settings.eval_every, settings.eval_minutes)
-    ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes)
     bar = _progress_bar(settings, state) if dist.is_main and settings.progress else None
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
-    bad_in_row, grad_norm, stop_reason, ckpt_path = 0, float("nan"), "budget", None
+    eval_timer = _Every(settings.eval_every, settings.eval_minutes, state.wall_seconds)
+    ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes, state.wall_seconds)
+    bad_in_row, grad_norm, stop_reason, ckpt_path, dt = 0, float("nan"), "budget", None, 0.0
     tuner = D.ThreadTuner.for_run(settings.threads, t.device, say)
 
     with _Stop() as stop, contextlib.closing(batches):
@@ -792,8 +812,11 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             x, noise = x.to(t.device, non_blocking=True), noise.to(t.device, non_blocking=True)
             torch.manual_seed(settings.seed * 1_000_003 + state.step * 8_191 + dist.rank)  # dropout stream
             lr = learning_rate_now(config, state, progress())
-            loss, norm, finite = train_step(t.net, t.model, t.opt, x, noise, lr, step_hook, state.step)
-            finite, global_bpd, stop_agreed = agree(finite, loss, stop.requested, dist)
+            loss, norm, finite = train_step(t.net, t.model, t.opt, x, noise, lr, step_hook, state.step, share)
+            clock = (dt, time.monotonic() - wall_start)
+            finite, global_bpd, stop_agreed, (rank0_dt, rank0_wall) = agree(finite, loss, stop.requested, dist, clock)
+            if dist.enabled:  # rank 0's time of the step before, so all ranks count the same budget
+                state.train_seconds += rank0_dt
             problem = health_problem(finite, global_bpd, state, settings.spike_ratio)
             state.epoch, state.offset, state.step = epoch, offset, state.step + 1
             state.images_seen += config.batch_size
@@ -818,21 +841,23 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             dt = time.perf_counter() - t0
             if tuner is not None:
                 tuner.step_done(dt)
-            state.train_seconds += dt
+            if not dist.enabled:
+                state.train_seconds += dt
             state.add_step(global_bpd if problem is None else None, config.batch_size, dt)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(bpd=f"{global_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{state.img_per_s:.1f}")
 
             s, row, last = state.step, None, progress() >= 1.0
+            now = rank0_wall if dist.enabled else time.monotonic() - wall_start
             if s % settings.log_every == 0 or last:
                 train_bpd, img_per_s = state.close_window()
                 row = dict(step=s, images_seen=state.images_seen, train_bpd=train_bpd, lr=lr, img_per_s=img_per_s,
                            grad_norm=grad_norm, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
                            train_seconds=state.train_seconds, threads=torch.get_num_threads())  # fmt: skip
-            if eval_timer.due(s) and not last:
+            if eval_timer.due(s, now) and not last:
                 result = evaluate_now(t.ema.model, valid_x, settings, t.run, s, dist)
-                eval_timer.reset()
+                eval_timer.reset(now)
                 if state.record_valid(result["valid_bpd"]):
                     t.keeper.save_best(t.model, t.ema, state)
                 row = {**(row or dict(step=s, images_seen=state.images_seen, lr=lr)), **result}
@@ -840,12 +865,12 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             state.wall_seconds = time.monotonic() - wall_start
             if row is not None:
                 t.metrics.write({**row, "wall_seconds": state.wall_seconds})
-            if ckpt_timer.due(s) and not last:
+            if ckpt_timer.due(s, now) and not last:
                 if not state.healthy_streak:
                     say(f"step {s}: not writing a checkpoint: the last step was unhealthy")
                 else:
                     ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state) or ckpt_path
-                ckpt_timer.reset()
+                ckpt_timer.reset(now)
             if settings.patience and state.evals_since_best >= settings.patience:
                 say(f"stopping early: no new best in {state.evals_since_best} evaluations ({state.best_valid_bpd:.4f})")
                 stop_reason = "patience"

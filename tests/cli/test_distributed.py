@@ -1,4 +1,4 @@
-"""torchrun / DDP on CPU (gloo, 2 processes): the same numbers as one process."""
+"""DDP on CPU (gloo; under torchrun, or processes flowpp starts itself): the same numbers as one process."""
 
 import csv
 import json
@@ -94,12 +94,32 @@ def test_resume_across_world_sizes(runs, tmp_path, tiny_npz):
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
 
 
-def test_indivisible_batch_fails_cleanly(tmp_path, tiny_npz):
-    proc = launch(
-        2, *COMMON, "--data", tiny_npz, "--out", tmp_path / "bad", "--max-steps", 2, "--batch-size", 7, timeout=120
-    )
-    assert proc.returncode != 0
-    assert "divisible" in proc.stderr
+def test_flowpp_starts_its_own_processes_and_an_uneven_batch_matches_one_process(tmp_path, tiny_npz):
+    # --procs 3 without torchrun; a global batch of 7 splits 2 + 2 + 3, and each process's loss is
+    # weighted by its share, so the steps are those of one process. Timed evaluations and checkpoints
+    # follow rank 0's clock on every process (or the processes would stop agreeing on what comes next).
+    common = [*COMMON, "--data", tiny_npz, "--max-steps", 4, "--batch-size", 7]
+    timed = ["--eval-minutes", "0.001", "--checkpoint-minutes", "0.001"]
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert_ok(launch(1, *common, "--out", one, "--procs", 1, *timed))
+    proc = launch(1, *common, "--out", three, "--procs", 3, *timed, timeout=180)
+    assert_ok(proc)
+    assert "training on 3 processes x 1 thread(s)" in proc.stdout
+    (t1, v1), (t3, v3) = losses(one), losses(three)
+    assert sorted(t1) == sorted(t3) == [1, 2, 3, 4]
+    for step in t1:
+        assert abs(t1[step] - t3[step]) < 1e-5, (step, t1[step], t3[step])
+    assert len(v3) >= 2 and abs(v1[-1] - v3[-1]) < 1e-5
+    summary = json.loads((three / "summary.json").read_text())
+    assert summary["world_size"] == 3 and summary["images_seen"] == 28 and summary["threads"] == 1
+
+
+def test_a_batch_smaller_than_the_processes_fails_cleanly(tmp_path, tiny_npz):
+    proc = launch(1, *COMMON, "--data", tiny_npz, "--out", tmp_path / "bad", "--max-steps", 2, "--batch-size", 2,
+                  "--procs", 3, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "must be at least the number of processes (3)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_evaluation_on_two_processes_matches_one(runs, tiny_npz, tmp_path):
