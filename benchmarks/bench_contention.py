@@ -6,8 +6,8 @@ spread it over the CPU cores.
         [--steps 60] [--batch-size B] [--busy 1] [--only "NAME|NAME"] [--json out.json]
 
 For every setting (2 threads, PyTorch's default; 1 thread; 2 threads with a passive OpenMP wait
-policy; 2, 3 or 4 single-threaded DDP processes on gloo under torchrun; ``--threads auto``;
-flowpp's default, which starts its own processes), run ``flowpp train`` for ``--steps`` steps
+policy; 2, 3 or 4 single-threaded DDP processes on gloo under torchrun; ``--threads auto``, flowpp's
+default; ``--procs auto``, the processes flowpp starts itself), run ``flowpp train`` for ``--steps`` steps
 with the machine otherwise idle, then again next to ``--busy`` single-threaded busy loops;
 images/s are the mean of metrics.csv's ``img_per_s`` after the first 10 steps. The idle and busy
 runs of a setting are taken back to back, so slow drifts of a shared machine fall on both.
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "mnist.npz"
 
-# name -> (extra environment, processes (1: plain, more: DDP on gloo), --threads or None for flowpp's default)
+# name -> (extra environment, processes under torchrun (1: none), --threads value or "procs auto")
 SETTINGS = {
     "2 threads (PyTorch's default)": ({}, 1, 2),
     "1 thread": ({}, 1, 1),
@@ -36,8 +36,8 @@ SETTINGS = {
     "2 processes x 1 thread (DDP, gloo)": ({}, 2, 1),
     "3 processes x 1 thread (DDP, gloo)": ({}, 3, 1),
     "4 processes x 1 thread (DDP, gloo)": ({}, 4, 1),
-    "--threads auto (2 threads or 1, tuned)": ({}, 1, "auto"),
-    "flowpp's default (--procs auto)": ({}, 1, None),
+    "--threads auto (flowpp's default)": ({}, 1, "auto"),
+    "--procs auto (one process more than cores, started by flowpp)": ({}, 1, "procs auto"),
 }
 
 
@@ -46,7 +46,9 @@ def run(config: str, data: str, steps: int, batch: int | None, env_extra: dict, 
     args = ["train", "--config", config, "--data", data, "--out", str(out), "--max-steps", str(steps),
             "--log-every", "5", "--eval-images", "16", "--checkpoint-minutes", "0", "--no-progress",
             "--device", "cpu"]  # fmt: skip
-    if threads:
+    if threads == "procs auto":
+        args += ["--procs", "auto"]
+    elif threads:
         args += ["--threads", str(threads)]
     if batch:
         args += ["--batch-size", str(batch)]

@@ -259,10 +259,11 @@ def _add_train(sub, parents) -> None:
     g.add_argument(
         "--procs",
         type=_threads,
-        default="auto",
+        default=1,
         help="CPU training processes (DDP on gloo, started by flowpp; each with --threads threads, default 1). "
-        "auto: one more than the cores when --threads is not given (training keeps most of its speed next to "
-        "other busy processes; docs/performance.md), else 1; never on a GPU or under torchrun",
+        "auto: one more than the cores (docs/performance.md: next to a busy process they keep their speed "
+        "whatever the threads' scaling, at some cost on an idle machine); never more than 1 on a GPU or under "
+        "torchrun",
     )
 
 
@@ -397,10 +398,8 @@ def _train(args) -> int:
     )
     from .distributed import auto_processes
 
-    procs = args.procs
-    if procs == "auto":  # a busy machine must not stall training: one process more than cores
-        procs = auto_processes(args.device, config.batch_size) if settings.threads is None else 1
-    if settings.threads is None:
+    procs = auto_processes(args.device, config.batch_size) if args.procs == "auto" else args.procs
+    if settings.threads is None:  # a busy machine must not stall training: adapt unless told
         settings = dataclasses.replace(settings, threads=1 if procs > 1 else "auto")
     jobs.train_job(
         config,

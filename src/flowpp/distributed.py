@@ -135,16 +135,17 @@ MIN_IMAGES_PER_PROCESS = 8
 
 
 def auto_processes(device: str, batch_size: int) -> int:
-    """How many single-threaded processes ``flowpp train`` trains on by default: on a CPU with C
-    cores, C + 1 (at most one per MIN_IMAGES_PER_PROCESS images of the global batch); 1 on a GPU,
-    under torchrun, on one core, or when that leaves fewer than 3.
+    """The processes of ``flowpp train --procs auto``: on a CPU with C cores, C + 1 single-threaded
+    ones (at most one per MIN_IMAGES_PER_PROCESS images of the global batch); 1 on a GPU, under
+    torchrun, on one core, or when that leaves fewer than 3.
 
     Why one more process than cores: the scheduler shares the cores between runnable threads, so
     next to one busy process, C + 1 processes get (C + 1) / (C + 2) of the machine where C threads
     get C / (C + 1), and processes meet once a step (the gradient all-reduce) where OpenMP threads
     meet at every operation and spin while one of them waits for a core. Measured on 2 cores
-    (``benchmarks/bench_contention.py``, docs/performance.md): 3 processes train 5% slower than 2
-    threads on an idle machine and keep 0.77 of their speed next to a busy process (2 threads: 0.25).
+    (``benchmarks/bench_contention.py``, docs/performance.md): 3 processes keep 0.76-0.77 of their
+    idle speed next to a busy process (2 threads: 0.25-0.29), but train 5-9% slower than 2 threads on
+    an idle machine.
     """
     if os.environ.get("WORLD_SIZE") or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return 1

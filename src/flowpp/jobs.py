@@ -190,7 +190,7 @@ def train_job(
             raise UsageError("training on several processes needs the command line they run (argv)")
         threads = settings.threads if isinstance(settings.threads, int) else 1
         workers = D.LocalWorkers(processes, argv, threads)
-        print(f"training on {processes} processes x {threads} thread(s) (DDP on gloo; --procs 1 for one)")
+        print(f"training on {processes} processes x {threads} thread(s) (DDP on gloo)")
     try:
         with workers:
             summary = train(
