@@ -1,7 +1,7 @@
 import pytest
 
 import flowpp
-from flowpp.schedules import learning_rate
+from flowpp.schedules import learning_rate, warmed_up
 
 
 def test_constant_schedule_warms_up_linearly_then_holds():
@@ -69,3 +69,12 @@ def test_celeba_schedules():
     c128 = flowpp.get_config("celeba128-5bit")
     assert learning_rate(c128, 25_000) == pytest.approx(5e-6)
     assert learning_rate(c128, 50_000) == learning_rate(c128, 10**6) == pytest.approx(1e-5)
+
+
+def test_warmed_up_after_the_warm_up_steps_or_the_cosine_schedules_first_5_percent():
+    cfg = flowpp.get_config("mnist")  # cosine, 100 warm-up steps
+    assert not warmed_up(cfg, 99) and warmed_up(cfg, 100)
+    assert not warmed_up(cfg, 10, progress=0.049) and warmed_up(cfg, 10, progress=0.05)
+    official = flowpp.get_config("cifar10")  # 2,000 warm-up steps; progress plays no part
+    assert not warmed_up(official, 1_999, progress=0.9) and warmed_up(official, 2_000)
+    assert warmed_up(official.replace(warmup_steps=0), 0)

@@ -218,7 +218,11 @@ def _add_train(sub, parents) -> None:
         "--checkpoint-every", type=_positive_int, default=d("checkpoint_every"), help="checkpoint every N steps"
     )
     g.add_argument(
-        "--checkpoint-minutes", type=_minutes_or_off, default=d("checkpoint_minutes"), help="checkpoint every M minutes"
+        "--checkpoint-minutes",
+        type=_minutes_or_off,
+        default=d("checkpoint_minutes"),
+        help="checkpoint every M minutes (0: only at the end). Otherwise a run's first checkpoint comes at the "
+        "end of its warm-up too, so that a blow-up at the peak rate has one to roll back to",
     )
     g.add_argument(
         "--keep-checkpoints",

@@ -10,7 +10,7 @@ import math
 
 from .configs import FlowConfig
 
-__all__ = ["learning_rate", "COSINE_WARMUP_FRACTION"]
+__all__ = ["learning_rate", "warmed_up", "COSINE_WARMUP_FRACTION"]
 
 COSINE_WARMUP_FRACTION = 0.05
 
@@ -26,6 +26,14 @@ def _warm_hold_decay(cfg: FlowConfig, s: int, hold_until: int, rate: float, floo
     if s <= hold_until:
         return cfg.lr
     return max(cfg.lr * rate ** (s - hold_until), floor)
+
+
+def warmed_up(cfg: FlowConfig, step: int, progress: float | None = None) -> bool:
+    """Whether the first warm-up is over after ``step`` optimizer steps (``progress`` as in
+    :func:`learning_rate`: the cosine schedule's warm-up also ends at 5% of the budget)."""
+    if step >= cfg.warmup_steps:
+        return True
+    return cfg.lr_schedule == "cosine" and progress is not None and progress >= COSINE_WARMUP_FRACTION
 
 
 def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> float:

@@ -45,7 +45,7 @@ from .evaluate import evaluate_bpd
 from .images import chw_shape, gather, save_grid, to_nchw
 from .model import FlowPlusPlus
 from .runs import RunDir
-from .schedules import learning_rate
+from .schedules import learning_rate, warmed_up
 
 __all__ = [
     "Trainer",
@@ -798,6 +798,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
     eval_timer = _Every(settings.eval_every, settings.eval_minutes, state.wall_seconds)
     ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes, state.wall_seconds)
+    checkpoints_on = bool(settings.checkpoint_every or settings.checkpoint_minutes)
     bad_in_row, grad_norm, stop_reason, ckpt_path, dt = 0, float("nan"), "budget", None, 0.0
     tuner = D.ThreadTuner.for_run(settings.threads, t.device, say)
 
@@ -865,7 +866,10 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             state.wall_seconds = time.monotonic() - wall_start
             if row is not None:
                 t.metrics.write({**row, "wall_seconds": state.wall_seconds})
-            if ckpt_timer.due(s, now) and not last:
+            # The first checkpoint comes as soon as the warm-up is over: the peak learning rate
+            # is where a recipe blows up, and without a checkpoint there is nothing to roll back to.
+            first = checkpoints_on and ckpt_path is None and t.resumed_from is None and warmed_up(config, s, progress())
+            if (ckpt_timer.due(s, now) or first) and not last:
                 if not state.healthy_streak:
                     say(f"step {s}: not writing a checkpoint: the last step was unhealthy")
                 else:

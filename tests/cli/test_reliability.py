@@ -245,7 +245,7 @@ def test_a_run_unhealthy_before_its_first_checkpoint_stops_and_says_so(tmp_path,
     msgs = []
     with pytest.raises(TrainingDiverged, match="before its first checkpoint.*Start again with a lower --lr"):
         train(
-            flowpp.get_config("tiny"),
+            flowpp.get_config("tiny").replace(warmup_steps=100),  # still warming up at step 20
             _settings(tmp_path / "run", max_steps=200, checkpoint_every=100),
             *_data(tiny_npz),
             step_hook=lambda step, loss: loss * 3 if step >= 20 else loss,
@@ -254,6 +254,24 @@ def test_a_run_unhealthy_before_its_first_checkpoint_stops_and_says_so(tmp_path,
     assert sum("no checkpoint to roll back to yet" in m for m in msgs) == 3
     assert any("with no checkpoint to roll back to; stopping" in m for m in msgs)
     assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_the_first_checkpoint_comes_at_the_end_of_the_warm_up_so_a_blow_up_at_the_peak_rolls_back(tmp_path, tiny_npz):
+    # tiny warms up over 10 steps; the timed checkpoints would come only at step 100.
+    msgs = []
+    summary = train(
+        flowpp.get_config("tiny"),
+        _settings(tmp_path / "run", max_steps=40, checkpoint_every=100),
+        *_data(tiny_npz),
+        step_hook=lambda step, loss: loss * 3 if 20 <= step < 25 else loss,
+        log=msgs.append,
+    )
+    assert summary["rollbacks"] == 1 and summary["stopped_by"] == "budget"
+    assert any(m.startswith("rolled back to") and "checkpoint-00000010.pt;" in m for m in msgs), msgs
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "checkpoint-00000010.pt",
+        "checkpoint-00000040.pt",
+    ]
 
 
 def test_the_spike_guard_can_be_turned_off(tmp_path, tiny_npz):
