@@ -798,7 +798,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
     wall_start = time.monotonic() - state.wall_seconds  # wall-clock of the run, across resumes
     eval_timer = _Every(settings.eval_every, settings.eval_minutes, state.wall_seconds)
     ckpt_timer = _Every(settings.checkpoint_every, settings.checkpoint_minutes, state.wall_seconds)
-    checkpoints_on = bool(settings.checkpoint_every or settings.checkpoint_minutes)
+    first_pending = bool(settings.checkpoint_every or settings.checkpoint_minutes) and t.resumed_from is None
     bad_in_row, grad_norm, stop_reason, ckpt_path, dt = 0, float("nan"), "budget", None, 0.0
     tuner = D.ThreadTuner.for_run(settings.threads, t.device, say)
 
@@ -868,12 +868,13 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                 t.metrics.write({**row, "wall_seconds": state.wall_seconds})
             # The first checkpoint comes as soon as the warm-up is over: the peak learning rate
             # is where a recipe blows up, and without a checkpoint there is nothing to roll back to.
-            first = checkpoints_on and ckpt_path is None and t.resumed_from is None and warmed_up(config, s, progress())
+            first = first_pending and warmed_up(config, s, progress())
             if (ckpt_timer.due(s, now) or first) and not last:
                 if not state.healthy_streak:
                     say(f"step {s}: not writing a checkpoint: the last step was unhealthy")
-                else:
+                else:  # (only rank 0 writes and gets a path; every rank decides alike)
                     ckpt_path = t.keeper.save(t.model, t.ema, t.opt, state) or ckpt_path
+                    first_pending = False
                 ckpt_timer.reset(now)
             if settings.patience and state.evals_since_best >= settings.patience:
                 say(f"stopping early: no new best in {state.evals_since_best} evaluations ({state.best_valid_bpd:.4f})")
