@@ -221,12 +221,12 @@ def test_checkpoint_keeper_rolls_back_to_a_chosen_checkpoint_and_keeps_it(tmp_pa
     keeper = _keeper(tmp_path, tiny_model)
     ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
     first = copy.deepcopy(tiny_model.state_dict())
-    keeper.save(tiny_model, ema, opt, TrainState(step=1))
+    keeper.save(tiny_model, ema, opt, TrainState(step=1, recent_losses=[3.0, 2.9]))
     with torch.no_grad():
         next(tiny_model.parameters()).add_(1.0)
-    keeper.save(tiny_model, ema, opt, TrainState(step=2))
-    path, step = keeper.rollback(tiny_model, ema, opt, step=1)
-    assert path.name == "checkpoint-00000001.pt" and step == 1
+    keeper.save(tiny_model, ema, opt, TrainState(step=2, recent_losses=[3.0, 2.9, 1.0]))
+    path, step, history = keeper.rollback(tiny_model, ema, opt, step=1)
+    assert path.name == "checkpoint-00000001.pt" and step == 1 and history == [3.0, 2.9]
     assert all(torch.equal(v, first[k]) for k, v in tiny_model.state_dict().items())
     # While a rollback series is open, its checkpoint survives any number of newer ones.
     for s in (3, 4, 5):

@@ -559,11 +559,15 @@ class CheckpointKeeper:
 
     def rollback(
         self, model: FlowPlusPlus, ema: EMA, opt: torch.optim.Optimizer, step: int | None = None
-    ) -> tuple[Path, int] | None:
+    ) -> tuple[Path, int, list] | None:
         """Restore the weights and optimizer of the checkpoint of ``step`` (default: the newest);
-        the counters go on. Its (path, step), or None when there is no checkpoint yet."""
+        the counters go on. Its (path, step, the healthy losses before it), or None when there is
+        no checkpoint yet."""
         found = self._load_latest(model, ema, opt, step)
-        return None if found is None else (found[0], found[1]["train_state"]["step"])
+        if found is None:
+            return None
+        saved = found[1]["train_state"]
+        return found[0], saved["step"], list(saved.get("recent_losses", []))
 
 
 class MetricsWriter:
@@ -893,7 +897,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                 say("the run ended on unhealthy steps and has no checkpoint to go back to")
                 stop_reason = "diverged"
             else:
-                (ckpt_path, _), state.rollbacks = back, state.rollbacks + 1
+                (ckpt_path, _, _), state.rollbacks = back, state.rollbacks + 1
                 say(f"the run ended on unhealthy steps: it keeps the weights of {ckpt_path}")
         if stop_reason == "signal":
             say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
@@ -930,7 +934,11 @@ def roll_back(t: Trainer, problem: str) -> bool:
     if back is None:
         say(f"no checkpoint to roll back to yet; skipping on ({state.rollbacks_in_row} of {t.settings.max_rollbacks})")
         return False
-    path, state.rollback_step = back  # the same good checkpoint for the whole series
+    path, state.rollback_step, history = back  # the same good checkpoint for the whole series
+    # The divergence guard's reference goes back with the weights: judged against the losses of
+    # the later, better weights, every step after a rollback to an early checkpoint would look
+    # like a spike.
+    state.recent_losses = history
     state.rollbacks, state.rewarm_from = state.rollbacks + 1, state.step
     if state.rollbacks_in_row > 1:
         state.lr_scale /= 2

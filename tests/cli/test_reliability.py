@@ -274,6 +274,26 @@ def test_the_first_checkpoint_comes_at_the_end_of_the_warm_up_so_a_blow_up_at_th
     ]
 
 
+def test_after_a_rollback_the_guard_judges_against_the_losses_of_the_checkpoint_it_went_back_to(tmp_path, tiny_npz):
+    # Halved losses from step 10 make the recent median half of what the weights of the step-10
+    # checkpoint give; after the spikes at 50-52 roll back there, steps judged against that
+    # median would all look like spikes (and the run would stop as diverged).
+    def hook(step, loss):
+        return loss * 3 if 50 <= step < 53 else loss * 0.5 if 10 <= step < 50 else loss
+
+    msgs = []
+    summary = train(
+        flowpp.get_config("tiny"),
+        _settings(tmp_path / "run", max_steps=70, checkpoint_every=100),
+        *_data(tiny_npz),
+        step_hook=hook,
+        log=msgs.append,
+    )
+    assert summary["rollbacks"] == 1 and summary["stopped_by"] == "budget", msgs
+    assert summary["skipped_steps"] == 3
+    assert any(m.startswith("rolled back to") and "checkpoint-00000010.pt;" in m for m in msgs), msgs
+
+
 def test_the_spike_guard_can_be_turned_off(tmp_path, tiny_npz):
     summary = train(
         flowpp.get_config("tiny"),
