@@ -143,9 +143,9 @@ def auto_processes(device: str, batch_size: int) -> int:
     next to one busy process, C + 1 processes get (C + 1) / (C + 2) of the machine where C threads
     get C / (C + 1), and processes meet once a step (the gradient all-reduce) where OpenMP threads
     meet at every operation and spin while one of them waits for a core. Measured on 2 cores
-    (``benchmarks/bench_contention.py``, docs/performance.md): 3 processes keep 0.76-0.77 of their
-    idle speed next to a busy process (2 threads: 0.25-0.29), but train 5-9% slower than 2 threads on
-    an idle machine.
+    (``benchmarks/bench_contention.py``, docs/performance.md): 3 processes keep 0.75-0.77 of their
+    idle speed next to a busy process (2 threads: 0.25-0.32), but train 5-20% slower than 2 threads
+    on an idle machine, which is why this is not the default.
     """
     if os.environ.get("WORLD_SIZE") or device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return 1
@@ -162,11 +162,11 @@ def _free_port() -> int:
 
 class LocalWorkers:
     """Runs this process as rank 0 of ``n`` on this machine, ranks 1..n-1 being child processes that
-    run the same command (``python -m flowpp ARGV``) with one thread each: what torchrun would do,
-    without the user having to know it.
+    run the same command (``python -m flowpp ARGV``), each with ``threads`` threads: what torchrun
+    would do, without the user having to know it.
 
     Used as a context manager around training. The children print nothing (rank 0 reports); when
-    one fails, its last lines of stderr are the error. A child that dies while rank 0 waits for it
+    one fails, the last line of its stderr is the error. A child that dies while rank 0 waits for it
     in a collective would leave rank 0 waiting for the process group's timeout, so a watchdog ends
     this process GRACE seconds after a child failed if rank 0 has not ended by then (its last
     checkpoint is safe: checkpoints are written atomically)."""
