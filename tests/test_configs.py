@@ -141,7 +141,7 @@ def test_unknown_config_name_lists_the_known_ones():
         (dict(dequant_layout=("channel x2",)), "dequantizer layout may only use stripe"),
         (dict(image_shape=(0, 8, 8)), "bad image_shape"),
         (dict(num_levels=1), "num_levels"),
-        (dict(lr_schedule="linear"), "lr_schedule='linear'"),
+        (dict(lr_schedule="triangle"), "lr_schedule='triangle'"),
     ],
 )
 def test_invalid_configs_are_rejected(changes, fragment):

@@ -27,6 +27,7 @@ from flowpp.train import (
     budget_used,
     health_problem,
     learning_rate_now,
+    make_optimizer,
     train_step,
 )
 
@@ -117,6 +118,27 @@ def test_ema_averages_parameters_and_copies_buffers(tiny_model):
     warm.update(moved, step=0)  # decay min(0.999, 1/10): mostly the new weights
     p0, m0 = next(warm.model.parameters()), next(moved.parameters())
     torch.testing.assert_close(p0, 0.1 * next(tiny_model.parameters()) + 0.9 * m0)
+
+
+def test_the_optimizer_takes_the_steps_of_plain_adam_with_the_configs_settings(tiny_model):
+    config = tiny_model.config.replace(adam_betas=(0.8, 0.95), adam_eps=1e-6)
+    reference = copy.deepcopy(tiny_model)
+    start = [p.detach().clone() for p in tiny_model.parameters()]
+    opt = make_optimizer(list(tiny_model.parameters()), config)
+    plain = torch.optim.Adam(reference.parameters(), lr=config.lr, betas=(0.8, 0.95), eps=1e-6, foreach=False)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95) and opt.param_groups[0]["eps"] == 1e-6
+    g = torch.Generator().manual_seed(0)
+    for lr in (1e-2, 3e-3, 5e-4):  # the schedule changes the rate between steps
+        for o in (opt, plain):
+            o.param_groups[0]["lr"] = lr
+        for p, q in zip(tiny_model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        plain.step()
+    for (name, p), q, p0 in zip(tiny_model.named_parameters(), reference.parameters(), start):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+        assert (p - p0).abs().max() > 1e-3, name  # Adam's steps are about lr in size: it moved
 
 
 def test_train_step_computes_clipped_gradients_without_stepping(tiny_model):

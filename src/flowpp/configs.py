@@ -27,7 +27,7 @@ __all__ = [
     "parse_override",
 ]
 
-LR_SCHEDULES = ("constant", "cosine", "imagenet32", "imagenet64", "imagenet64-5bit", "celeba64")
+LR_SCHEDULES = ("constant", "cosine", "linear", "imagenet32", "imagenet64", "imagenet64-5bit", "celeba64")
 
 _STAGE = re.compile(r"^(stripe|channel) x(\d+)( no-attention)?$|^squeeze$")
 

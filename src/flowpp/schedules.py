@@ -1,7 +1,8 @@
 """Learning-rate schedules of the official recipes, implemented as intended.
 
 ``learning_rate(config, step, progress)`` is a pure function: ``progress`` in [0, 1] is the
-fraction of the training budget used (steps or wall-clock), needed only by "cosine".
+fraction of the training budget used (steps or wall-clock), needed only by the budget-aware
+schedules "cosine" and "linear".
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import math
 
 from .configs import FlowConfig
 
-__all__ = ["learning_rate", "warmed_up", "COSINE_WARMUP_FRACTION"]
+__all__ = ["learning_rate", "warmed_up", "COSINE_WARMUP_FRACTION", "BUDGET_SCHEDULES"]
 
-COSINE_WARMUP_FRACTION = 0.05
+COSINE_WARMUP_FRACTION = 0.05  # of the budget, for both budget-aware schedules
+BUDGET_SCHEDULES = ("cosine", "linear")
 
 
 def _warmup(step: int, warmup_steps: int, peak: float) -> float:
@@ -33,7 +35,7 @@ def warmed_up(cfg: FlowConfig, step: int, progress: float | None = None) -> bool
     :func:`learning_rate`: the cosine schedule's warm-up also ends at 5% of the budget)."""
     if step >= cfg.warmup_steps:
         return True
-    return cfg.lr_schedule == "cosine" and progress is not None and progress >= COSINE_WARMUP_FRACTION
+    return cfg.lr_schedule in BUDGET_SCHEDULES and progress is not None and progress >= COSINE_WARMUP_FRACTION
 
 
 def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> float:
@@ -41,15 +43,16 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
     s = step
     if cfg.lr_schedule == "constant":
         return _warmup(s, cfg.warmup_steps, cfg.lr)
-    if cfg.lr_schedule == "cosine":
+    if cfg.lr_schedule in BUDGET_SCHEDULES:
         # Budget-aware: warm up over warmup_steps or the first 5% of the budget, whichever ends
-        # first (a short run must not spend itself warming up), then cosine-decay to min_lr at
-        # the end of the budget (steps or wall-clock).
+        # first (a short run must not spend itself warming up), then decay to min_lr at the end
+        # of the budget (steps or wall-clock): along a half cosine, or along a straight line.
         if progress is None:
             return _warmup(s, cfg.warmup_steps, cfg.lr)
         p = min(max(progress, 0.0), 1.0)
         warm = min(1.0, max(s / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0, p / COSINE_WARMUP_FRACTION))
-        return warm * (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * p)))
+        remaining = 0.5 * (1.0 + math.cos(math.pi * p)) if cfg.lr_schedule == "cosine" else 1.0 - p
+        return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * remaining)
     if cfg.lr_schedule == "imagenet32":
         # Warm up to the peak, hold until 10x the warm-up, then x0.99995 per step down to min_lr.
         return _warm_hold_decay(cfg, s, 10 * cfg.warmup_steps, 0.99995, cfg.min_lr)

