@@ -47,10 +47,12 @@ first N training images only, so that each is seen several times.
 The study in docs/results.md (two datasets side by side, one thread each, about an hour)::
 
     python benchmarks/ablations.py --data mnist.npz --config mnist --set batch_size=16 \
+        --set heads=4 --set lr=0.002 --set lr_schedule=cosine --set ema_decay=0.999 \
         --out runs/ablations-mnist --steps-per-run 500 --eval-every-steps 50 --curve-images 200 \
         --seeds 0 1 --eval-samples 64 --eval-images 100 --report-split test --threads 1
     python benchmarks/ablations.py --data cifar10_train10k.npz --config cifar10-small \
-        --set batch_size=16 --out runs/ablations-cifar --steps-per-run 320 --eval-every-steps 40 \
+        --set batch_size=16 --set heads=4 --set lr=0.002 --set lr_schedule=cosine \
+        --set ema_decay=0.999 --out runs/ablations-cifar --steps-per-run 320 --eval-every-steps 40 \
         --curve-images 200 --seeds 0 1 --eval-samples 64 --eval-images 64 --report-split valid \
         --threads 1
 """

@@ -35,7 +35,7 @@ def test_imagenet64_schedule_is_defined_everywhere_and_never_negative():
 
 
 def test_cosine_schedule_knows_the_budget():
-    cfg = flowpp.get_config("mnist")
+    cfg = flowpp.get_config("mnist").replace(lr_schedule="cosine")
     peak = cfg.lr
     # a short budget: warm-up ends at 5% of it even though warmup_steps is not reached
     assert learning_rate(cfg, 10, progress=0.05) == pytest.approx(
@@ -46,6 +46,24 @@ def test_cosine_schedule_knows_the_budget():
     assert learning_rate(cfg, 9999, progress=1.0) == pytest.approx(cfg.min_lr)
     values = [learning_rate(cfg, int(p * 2000), progress=p) for p in [i / 100 for i in range(5, 101)]]
     assert all(a >= b for a, b in zip(values, values[1:]))  # decays monotonically after warm-up
+
+
+def test_linear_schedule_warms_up_like_cosine_then_falls_on_a_straight_line_to_min_lr():
+    cfg = flowpp.get_config("mnist").replace(lr_schedule="linear", min_lr=1e-4)
+    cosine = cfg.replace(lr_schedule="cosine")
+    for step, p in ((1, 0.01), (50, 0.02), (10, 0.04)):  # the same warm-up, by steps or by budget
+        assert learning_rate(cfg, step, progress=p) == pytest.approx(
+            learning_rate(cosine, step, progress=p) * (1e-4 + (cfg.lr - 1e-4) * (1 - p)) / (
+                1e-4 + (cfg.lr - 1e-4) * 0.5 * (1 + __import__("math").cos(3.14159265358979 * p))
+            )
+        )
+    assert learning_rate(cfg, 500, progress=0.5) == pytest.approx((cfg.lr + 1e-4) / 2)
+    assert learning_rate(cfg, 900, progress=0.75) == pytest.approx(1e-4 + 0.25 * (cfg.lr - 1e-4))
+    assert learning_rate(cfg, 2000, progress=1.0) == pytest.approx(1e-4)
+    assert warmed_up(cfg, 10, progress=0.05) and not warmed_up(cfg, 10, progress=0.04)
+    # below the cosine in the first half, above it in the second
+    assert learning_rate(cfg, 500, progress=0.25) < learning_rate(cosine, 500, progress=0.25)
+    assert learning_rate(cfg, 1500, progress=0.75) > learning_rate(cosine, 1500, progress=0.75)
 
 
 def test_imagenet64_5bit_schedule_is_the_repaired_release_schedule():
@@ -72,7 +90,7 @@ def test_celeba_schedules():
 
 
 def test_warmed_up_after_the_warm_up_steps_or_the_cosine_schedules_first_5_percent():
-    cfg = flowpp.get_config("mnist")  # cosine, 100 warm-up steps
+    cfg = flowpp.get_config("mnist")  # linear (budget-aware, as cosine), 100 warm-up steps
     assert not warmed_up(cfg, 99) and warmed_up(cfg, 100)
     assert not warmed_up(cfg, 10, progress=0.049) and warmed_up(cfg, 10, progress=0.05)
     official = flowpp.get_config("cifar10")  # 2,000 warm-up steps; progress plays no part

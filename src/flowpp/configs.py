@@ -401,7 +401,10 @@ MNIST = register_config(FlowConfig(
     filters=32, blocks=2, components=8, heads=1, dropout=0.0,
     dequant_layout=("stripe x2",), dequant_filters=16, dequant_blocks=1, dequant_components=8,
     dequant_mixer="none", context_channels=16, context_blocks=2,
-    batch_size=32, init_batch_size=256, lr=5e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
+    # Batch 16 at peak lr 3.5e-3, decaying linearly to 0: in the same minutes as batch 32 at 5e-3
+    # with a cosine decay, 0.05 bits/dim lower in the short screen (twice the steps at 0.8x the
+    # images per second); the EMA at 0.99 because a longer one only trailed the raw weights.
+    batch_size=16, init_batch_size=256, lr=3.5e-3, warmup_steps=100, lr_schedule="linear", ema_decay=0.99,
     ema_warmup=True, grad_clip_units="bpd",
     notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
 ))

@@ -32,7 +32,7 @@ def _warm_hold_decay(cfg: FlowConfig, s: int, hold_until: int, rate: float, floo
 
 def warmed_up(cfg: FlowConfig, step: int, progress: float | None = None) -> bool:
     """Whether the first warm-up is over after ``step`` optimizer steps (``progress`` as in
-    :func:`learning_rate`: the cosine schedule's warm-up also ends at 5% of the budget)."""
+    :func:`learning_rate`: the budget-aware schedules' warm-up also ends at 5% of the budget)."""
     if step >= cfg.warmup_steps:
         return True
     return cfg.lr_schedule in BUDGET_SCHEDULES and progress is not None and progress >= COSINE_WARMUP_FRACTION
