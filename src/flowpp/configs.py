@@ -395,15 +395,16 @@ MNIST = register_config(FlowConfig(
     # resolution it tripled the cost of a step for little gain within a short budget.
     # One attention head of 32 channels: PyTorch's CPU attention kernel is several times slower
     # per position at 8 channels a head, and at 600 steps one head also ended lower (1.393 vs
-    # 1.410 valid bits/dim at lr 4e-3). Peak lr 5e-3: 2e-3 / 4e-3 / 6e-3 ended at 1.451 / 1.410 /
-    # 1.379 after 600 steps; 8e-3 blew up right after its warm-up (docs/small-machines.md).
+    # 1.410 valid bits/dim at lr 4e-3). At batch 32, peak rates 2e-3 / 4e-3 / 6e-3 ended at
+    # 1.451 / 1.410 / 1.379 after 600 steps; 8e-3 blew up right after its warm-up.
     layout=("stripe x4 no-attention", "squeeze", "channel x2", "stripe x2"),
     filters=32, blocks=2, components=8, heads=1, dropout=0.0,
     dequant_layout=("stripe x2",), dequant_filters=16, dequant_blocks=1, dequant_components=8,
     dequant_mixer="none", context_channels=16, context_blocks=2,
     # Batch 16 at peak lr 3.5e-3, decaying linearly to 0: in the same minutes as batch 32 at 5e-3
-    # with a cosine decay, 0.05 bits/dim lower in the short screen (twice the steps at 0.8x the
-    # images per second); the EMA at 0.99 because a longer one only trailed the raw weights.
+    # with a cosine decay, 0.05 bits/dim lower in the short screen (1.7x the steps at 0.8x the
+    # images per second; 5e-3 blew up once at batch 16); the EMA at 0.99 because a longer one only
+    # trailed the raw weights (docs/small-machines.md, "Round four").
     batch_size=16, init_batch_size=256, lr=3.5e-3, warmup_steps=100, lr_schedule="linear", ema_decay=0.99,
     ema_warmup=True, grad_clip_units="bpd",
     notes="any 28x28x1 data on a CPU: chosen for the best bits/dim in ~20 minutes on 2 cores",
