@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 import flowpp
@@ -52,11 +54,10 @@ def test_linear_schedule_warms_up_like_cosine_then_falls_on_a_straight_line_to_m
     cfg = flowpp.get_config("mnist").replace(lr_schedule="linear", min_lr=1e-4)
     cosine = cfg.replace(lr_schedule="cosine")
     for step, p in ((1, 0.01), (50, 0.02), (10, 0.04)):  # the same warm-up, by steps or by budget
-        assert learning_rate(cfg, step, progress=p) == pytest.approx(
-            learning_rate(cosine, step, progress=p) * (1e-4 + (cfg.lr - 1e-4) * (1 - p)) / (
-                1e-4 + (cfg.lr - 1e-4) * 0.5 * (1 + __import__("math").cos(3.14159265358979 * p))
-            )
-        )
+        linear_part = 1e-4 + (cfg.lr - 1e-4) * (1 - p)
+        cosine_part = 1e-4 + (cfg.lr - 1e-4) * 0.5 * (1 + math.cos(math.pi * p))
+        expected = learning_rate(cosine, step, progress=p) * linear_part / cosine_part
+        assert learning_rate(cfg, step, progress=p) == pytest.approx(expected)
     assert learning_rate(cfg, 500, progress=0.5) == pytest.approx((cfg.lr + 1e-4) / 2)
     assert learning_rate(cfg, 900, progress=0.75) == pytest.approx(1e-4 + 0.25 * (cfg.lr - 1e-4))
     assert learning_rate(cfg, 2000, progress=1.0) == pytest.approx(1e-4)
