@@ -11,9 +11,9 @@ import math
 
 from .configs import FlowConfig
 
-__all__ = ["learning_rate", "warmed_up", "COSINE_WARMUP_FRACTION", "BUDGET_SCHEDULES"]
+__all__ = ["learning_rate", "warmed_up", "BUDGET_WARMUP_FRACTION", "BUDGET_SCHEDULES"]
 
-COSINE_WARMUP_FRACTION = 0.05  # of the budget, for both budget-aware schedules
+BUDGET_WARMUP_FRACTION = 0.05  # of the budget: the longest warm-up of a budget-aware schedule
 BUDGET_SCHEDULES = ("cosine", "linear")
 
 
@@ -35,7 +35,7 @@ def warmed_up(cfg: FlowConfig, step: int, progress: float | None = None) -> bool
     :func:`learning_rate`: the budget-aware schedules' warm-up also ends at 5% of the budget)."""
     if step >= cfg.warmup_steps:
         return True
-    return cfg.lr_schedule in BUDGET_SCHEDULES and progress is not None and progress >= COSINE_WARMUP_FRACTION
+    return cfg.lr_schedule in BUDGET_SCHEDULES and progress is not None and progress >= BUDGET_WARMUP_FRACTION
 
 
 def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> float:
@@ -50,7 +50,7 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
         if progress is None:
             return _warmup(s, cfg.warmup_steps, cfg.lr)
         p = min(max(progress, 0.0), 1.0)
-        warm = min(1.0, max(s / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0, p / COSINE_WARMUP_FRACTION))
+        warm = min(1.0, max(s / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0, p / BUDGET_WARMUP_FRACTION))
         remaining = 0.5 * (1.0 + math.cos(math.pi * p)) if cfg.lr_schedule == "cosine" else 1.0 - p
         return warm * (cfg.min_lr + (cfg.lr - cfg.min_lr) * remaining)
     if cfg.lr_schedule == "imagenet32":

@@ -431,7 +431,6 @@ def parameter_norm(model: torch.nn.Module) -> float:
         return float(torch.linalg.vector_norm(norms))
 
 
-@torch.no_grad()
 def make_optimizer(parameters: list[Tensor], config: FlowConfig) -> torch.optim.Adam:
     """Adam with the config's betas and epsilon, on PyTorch's fused kernel where it has one for
     the parameters' device: one pass over all tensors instead of a dozen small operations per
@@ -443,6 +442,7 @@ def make_optimizer(parameters: list[Tensor], config: FlowConfig) -> torch.optim.
         return torch.optim.Adam(parameters, foreach=True, **options)
 
 
+@torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
