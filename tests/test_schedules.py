@@ -90,7 +90,7 @@ def test_celeba_schedules():
     assert learning_rate(c128, 50_000) == learning_rate(c128, 10**6) == pytest.approx(1e-5)
 
 
-def test_warmed_up_after_the_warm_up_steps_or_the_cosine_schedules_first_5_percent():
+def test_warmed_up_after_the_warm_up_steps_or_the_budget_aware_schedules_first_5_percent():
     cfg = flowpp.get_config("mnist")  # linear (budget-aware, as cosine), 100 warm-up steps
     assert not warmed_up(cfg, 99) and warmed_up(cfg, 100)
     assert not warmed_up(cfg, 10, progress=0.049) and warmed_up(cfg, 10, progress=0.05)

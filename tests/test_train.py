@@ -127,6 +127,11 @@ def test_the_optimizer_takes_the_steps_of_plain_adam_with_the_configs_settings(t
     opt = make_optimizer(list(tiny_model.parameters()), config)
     plain = torch.optim.Adam(reference.parameters(), lr=config.lr, betas=(0.8, 0.95), eps=1e-6, foreach=False)
     assert opt.param_groups[0]["betas"] == (0.8, 0.95) and opt.param_groups[0]["eps"] == 1e-6
+    try:  # where this PyTorch has a fused kernel for these tensors, it is the one used
+        torch.optim.Adam([torch.zeros(1, dtype=torch.float64, requires_grad=True)], fused=True)
+        assert opt.defaults["fused"] is True
+    except (RuntimeError, ValueError):
+        assert opt.defaults["foreach"] is True
     g = torch.Generator().manual_seed(0)
     for lr in (1e-2, 3e-3, 5e-4):  # the schedule changes the rate between steps
         for o in (opt, plain):
