@@ -39,3 +39,12 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = atomic_write_text(tmp_path / "card.json", "{}")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

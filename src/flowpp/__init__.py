@@ -11,6 +11,23 @@ def load(path, device="cpu") -> FlowPlusPlus:
     return _load(path, device)
 
 
+def import_release(path, config) -> FlowPlusPlus:
+    """A model (eval mode) holding the weights of a Flow++ release ``.npz`` file (the authors'
+    trained models) for a config or config name (see :func:`flowpp.release.import_release`)."""
+    from .release import import_release as _import
+
+    return _import(path, config)[0]
+
+
 __version__ = "0.1.0"
 
-__all__ = ["FlowConfig", "FlowPlusPlus", "count_parameters", "get_config", "list_configs", "register_config", "load"]
+__all__ = [
+    "FlowConfig",
+    "FlowPlusPlus",
+    "count_parameters",
+    "get_config",
+    "list_configs",
+    "register_config",
+    "load",
+    "import_release",
+]

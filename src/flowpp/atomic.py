@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 
+# Read once at import (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes, read in 1 MB blocks."""
     h = hashlib.sha256()
@@ -60,6 +65,7 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every written file private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -369,15 +369,41 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "export",
         formatter_class=_Formatter,
-        help="export a run's weights to safetensors",
+        help="export a run's weights to safetensors or to the Flow++ release format",
         parents=[parents["which"]],
         description="Write the EMA weights of a run's best model (or newest checkpoint) as safetensors, with the "
         "config as metadata, and a model card (<out>.card.json) beside it: config, parameters, data, steps and "
-        "what was measured. flowpp.load(file) reads it back; eval, sample and score take it as --run.",
+        "what was measured. flowpp.load(file) reads it back; eval, sample and score take it as --run.\n\n"
+        "With an .npz --out (or --format release) the weights are written in the format of the Flow++ release "
+        "instead: one float32 array per variable of the official TensorFlow graph, under its name and in its "
+        "layout, for the official code and the local bits-back coding code (configs built like the official "
+        "CIFAR-10 or ImageNet models only). --run may then also be an exported .safetensors file.",
     )
-    x.add_argument("--run", required=True, help="run directory")
-    x.add_argument("--out", required=True, help=".safetensors file to write")
+    x.add_argument("--run", required=True, help="run directory (or, for the release format, an exported file)")
+    x.add_argument("--out", required=True, help=".safetensors file (or .npz for the release format) to write")
     x.add_argument("--raw", action="store_true", help="the raw (trained) weights instead of their EMA")
+    x.add_argument("--format", default="auto", choices=["auto", "flowpp", "release"],
+                   help="flowpp: safetensors and a model card; release: the Flow++ release's .npz; "
+                        "auto: release when --out ends in .npz")  # fmt: skip
+
+    m = sub.add_parser(
+        "import",
+        formatter_class=_Formatter,
+        help="import a Flow++ release weight file (the authors' trained models)",
+        description="Read a weight file of the Flow++ release (flowpp_cifar_model.npz, "
+        "flowpp_imagenet32_model.npz, flowpp_imagenet64_model.npz: the variables of the authors' TensorFlow "
+        "graph) for a named config and write it as a flowpp export (safetensors and a model card naming the "
+        "source file and its SHA-256). Every variable must fit the config exactly. Exponential-moving-average "
+        "shadows in the file are used in place of the raw variables; Adam slots are ignored. The file is "
+        "never unpickled.",
+    )
+    m.add_argument("file", help="the release's .npz weight file")
+    m.add_argument("--config", required=True,
+                   help="the architecture: cifar10, imagenet32, imagenet64 or an n-bit config of the ImageNet "
+                        "code (imagenet64-5bit, celeba64-5bit, celeba64-3bit, celeba128-5bit)")  # fmt: skip
+    m.add_argument("--out", required=True, help=".safetensors file to write (the card goes beside it)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override,
+                   metavar="KEY=VALUE", help="override a config field, as for train (repeatable)")  # fmt: skip
 
     k = sub.add_parser("configs", formatter_class=_Formatter, help="list the named configs with parameter counts")
     k.add_argument("name", nargs="?", default=None, help="show one config in full")
@@ -437,6 +463,7 @@ COMMANDS = {
     "sample": lambda a: _call("sample_job", a),
     "score": lambda a: _call("score_job", a),
     "export": lambda a: _call("export_job", a),
+    "import": lambda a: _call("import_job", a),
     "prepare": lambda a: _call("prepare_job", a),
     "configs": lambda a: _call("configs_job", a),
 }

@@ -215,7 +215,8 @@ def _load(run: str, device: str | torch.device, compile: bool, which: str | None
     else:
         model, info = RunDir(run).load_model(dev, log=log, which=which)
     if not quiet:
-        print(f"weights: {info['which']}, step {info['step']} ({info['checkpoint']})", file=sys.stderr)
+        step = f", step {info['step']}" if info["step"] not in (None, "") else ""
+        print(f"weights: {info['which']}{step} ({info['checkpoint']})", file=sys.stderr)
     if compile:
         model.compile_networks()
     return model, info, dev
@@ -392,12 +393,51 @@ def score_job(
     return rows
 
 
-def export_job(*, run: str, out: str, raw: bool = False, which: str | None = None) -> Path:
-    """The run's best (or last) EMA weights, or its raw weights, as safetensors with a model card."""
-    from .export import card_path, export_safetensors
+def export_job(*, run: str, out: str, raw: bool = False, which: str | None = None, format: str = "auto") -> Path:
+    """The run's best (or last) EMA weights, or its raw weights, as safetensors with a model card,
+    or in the Flow++ release format (TF names and layouts) for the official code."""
+    from .export import card_path, export_release_file, export_safetensors
 
-    path, n, card = export_safetensors(run, out, weights="model" if raw else "ema", which=which)
+    if format == "auto":
+        format = "release" if Path(out).suffix.lower() == ".npz" else "flowpp"
+    weights = "model" if raw else "ema"
+    if format == "release":
+        if Path(run).is_file() and (raw or which):
+            raise UsageError(f"{run} is an exported file: it holds one set of weights; drop --raw / --weights")
+        path, n, info = export_release_file(run, out, weights=weights, which=which)
+        step = f", step {info['step']}" if info["step"] not in (None, "") else ""
+        print(f"wrote {path} ({n} variables in the Flow++ release format: TensorFlow names and layouts; "
+              f"{info['which']} weights{step})")  # fmt: skip
+        return path
+    if Path(run).is_file():
+        raise UsageError(f"{run} is already an exported file; `flowpp export` writes a run's weights (or, with an "
+                         ".npz --out, any model in the release format)")  # fmt: skip
+    path, n, card = export_safetensors(run, out, weights=weights, which=which)
     print(f"wrote {path} ({n} tensors; {card['which']} weights, step {card['steps']}) and {card_path(path)}")
+    return path
+
+
+def import_job(*, file: str, config: str, out: str, overrides: Sequence[tuple[str, Any]] = ()) -> Path:
+    """A Flow++ release weight file (the authors' trained models) as a flowpp export."""
+    import time
+
+    from .export import card_path, import_release_file
+
+    resolved = get_config(config).with_changes(dict(overrides))
+    start = time.perf_counter()
+    path, n, card, _ = import_release_file(file, resolved, out)
+    source = card["source"]
+    print(
+        f"read {source['variables']} variables of {Path(file).name} (SHA-256 {source['sha256'][:16]}...) as config "
+        f"{resolved.name!r}: {count_parameters(resolved):,} parameters"
+        + ("; it holds exponential-moving-average shadows: using them, as the official code evaluates"
+           if source["ema_shadows_used"] else "")
+        + (f"; ignored {source['ignored_optimizer_variables']} optimizer variables (Adam slots)"
+           if source["ignored_optimizer_variables"] else "")
+    )  # fmt: skip
+    for r in card["reported"]:
+        print(f"the release reported {r['bpd']} bits/dim on {r['data']} for this model (single-sample bound)")
+    print(f"wrote {path} ({n} tensors) and {card_path(path)} in {time.perf_counter() - start:.1f} s")
     return path
 
 

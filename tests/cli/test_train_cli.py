@@ -264,7 +264,7 @@ def test_dry_run_prints_config_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "sample", "score", "export", "configs"])
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "score", "export", "import", "configs"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
