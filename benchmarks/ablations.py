@@ -323,10 +323,11 @@ def _protocol_diff(old: dict, new: dict) -> list[str]:
 def run_one(args, variant: str, config: FlowConfig, seed: int, data: dict, log: Callable[[str], None]) -> dict | None:
     """Train and evaluate one (variant, seed); returns its result, or None when stopped by a signal."""
     from flowpp.checkpoint import list_checkpoints
+    from flowpp.data.batches import epoch_permutation
     from flowpp.distributed import resolve_device
     from flowpp.evaluate import evaluate_bpd
     from flowpp.runs import load_run
-    from flowpp.train import TrainSettings, epoch_permutation, train
+    from flowpp.training import TrainSettings, train
 
     run_dir = Path(args.out) / variant / f"seed{seed}"
     result_path = run_dir / RESULT_FILE

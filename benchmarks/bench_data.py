@@ -30,9 +30,9 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT / "src"))
     import flowpp
 
+from flowpp.data.batches import batch_iterator, step_noise  # noqa: E402
 from flowpp.data.prepared import load_prepared  # noqa: E402 (after the path fix above)
 from flowpp.images import gather  # noqa: E402
-from flowpp.train import batch_iterator, step_noise  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10_train10k.npz"
 

@@ -88,7 +88,7 @@ def test_small_preset_variants_are_the_closest_in_parameters(ablations, name):
 
 
 def test_read_curve_interpolates_training_time(ablations, tmp_path):
-    from flowpp.train import METRIC_FIELDS
+    from flowpp.runs import METRIC_FIELDS
 
     rows = [
         dict(step=10, images_seen=80, train_bpd=5.0, train_seconds=2.0, wall_seconds=2.5),

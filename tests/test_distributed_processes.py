@@ -11,7 +11,7 @@ import torch
 
 from flowpp import distributed as D
 from flowpp.errors import FlowppError
-from flowpp.train import _Every
+from flowpp.training import Every as _Every
 
 
 @pytest.fixture

@@ -11,22 +11,17 @@ import torch
 
 import flowpp
 from flowpp.checkpoint import CheckpointError
-from flowpp.distributed import DistInfo
-from flowpp.runs import RunDir
-from flowpp.train import (
+from flowpp.data.batches import Prefetch, batch_iterator
+from flowpp.distributed import DistInfo, agree
+from flowpp.runs import METRIC_FIELDS, CheckpointKeeper, MetricsWriter, RunDir
+from flowpp.schedules import budget_used, learning_rate_now
+from flowpp.training import (
     EMA,
-    METRIC_FIELDS,
-    CheckpointKeeper,
-    MetricsWriter,
-    Prefetch,
+    DivergenceGuard,
     TrainSettings,
     TrainState,
-    agree,
     backward_and_clip,
-    batch_iterator,
-    budget_used,
     health_problem,
-    learning_rate_now,
     make_optimizer,
     train_step,
 )
@@ -186,13 +181,17 @@ def _keeper(tmp_path, model, log=None):
     return CheckpointKeeper(run, model.config, {"seed": 0}, keep=2, dist=DistInfo(), log=log or (lambda m: None))
 
 
+def _save(keeper, model, ema, opt, state):
+    return keeper.save(model, ema.model, opt, state.to_dict())
+
+
 def test_checkpoint_keeper_saves_resumes_and_rolls_back(tmp_path, tiny_model):
     keeper = _keeper(tmp_path, tiny_model)
     ema = EMA(tiny_model, 0.99)
     opt = torch.optim.Adam(tiny_model.parameters())
     saved = copy.deepcopy(tiny_model.state_dict())
     for step in (1, 2, 3):
-        assert keeper.save(tiny_model, ema, opt, TrainState(step=step)).name == f"checkpoint-{step:08d}.pt"
+        assert _save(keeper, tiny_model, ema, opt, TrainState(step=step)).name == f"checkpoint-{step:08d}.pt"
     assert sorted(p.name for p in keeper.run.checkpoints.glob("*.pt")) == [
         "checkpoint-00000002.pt",
         "checkpoint-00000003.pt",
@@ -200,82 +199,124 @@ def test_checkpoint_keeper_saves_resumes_and_rolls_back(tmp_path, tiny_model):
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.add_(1.0)
-    assert keeper.rollback(tiny_model, ema, opt)
+    assert keeper.rollback(tiny_model, ema.model, opt)
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, saved[k]), k
-    path, state = keeper.resume(tiny_model, ema, opt)
-    assert path.name == "checkpoint-00000003.pt" and state.step == 3
+    path, state, config = keeper.resume(tiny_model, ema.model, opt)
+    assert path.name == "checkpoint-00000003.pt" and state["step"] == 3 and config == tiny_model.config
     other = CheckpointKeeper(keeper.run, tiny_model.config.replace(components=5), {}, 2, DistInfo(), print)
     with pytest.raises(CheckpointError, match="another config.*components"):
-        other.resume(tiny_model, ema, opt)
+        other.resume(tiny_model, ema.model, opt)
 
 
-def test_checkpoint_keeper_refuses_non_finite_weights(tmp_path, tiny_model):
+def _guard(model, msgs, state=None):
+    state = state or TrainState(step=1)
+    return DivergenceGuard(state, TrainSettings("x", max_steps=1), model.config, msgs.append), state
+
+
+def test_the_guard_refuses_to_checkpoint_non_finite_weights(tmp_path, tiny_model):
     msgs = []
     keeper = _keeper(tmp_path, tiny_model, msgs.append)
+    guard, _ = _guard(tiny_model, msgs)
     ema = EMA(tiny_model, 0.99)
     with torch.no_grad():
         next(tiny_model.parameters()).fill_(float("nan"))
-    assert keeper.save(tiny_model, ema, torch.optim.Adam(tiny_model.parameters()), TrainState(step=1)) is None
+    assert not guard.may_checkpoint(tiny_model, ema)
     assert not list(keeper.run.checkpoints.glob("*.pt")) and "non-finite" in msgs[0]
-    assert not keeper.rollback(tiny_model, ema, torch.optim.Adam(tiny_model.parameters()))
+    assert not keeper.rollback(tiny_model, ema.model, torch.optim.Adam(tiny_model.parameters()))
 
 
-def test_checkpoint_keeper_refuses_exploding_weights(tmp_path, tiny_model):
+def test_the_guard_refuses_to_checkpoint_exploding_weights(tmp_path, tiny_model):
     msgs = []
-    keeper = _keeper(tmp_path, tiny_model, msgs.append)
-    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
-    state = TrainState(step=1)
-    assert keeper.save(tiny_model, ema, opt, state) is not None
+    guard, state = _guard(tiny_model, msgs)
+    ema = EMA(tiny_model, 0.99)
+    assert guard.may_checkpoint(tiny_model, ema)
     norm = state.checkpoint_param_norm
     assert norm > 0
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.mul_(9.0)  # grown, but within PARAM_NORM_GROWTH
     state.step = 2
-    assert keeper.save(tiny_model, ema, opt, state) is not None
+    assert guard.may_checkpoint(tiny_model, ema)
     assert state.checkpoint_param_norm == pytest.approx(9 * norm)
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.mul_(11.0)  # finite, but an explosion since the last checkpoint
     state.step = 3
-    assert keeper.save(tiny_model, ema, opt, state) is None
+    assert not guard.may_checkpoint(tiny_model, ema)
     assert "norm grew" in msgs[-1] and state.checkpoint_param_norm == pytest.approx(9 * norm)
-    assert [p.name for p in sorted(keeper.run.checkpoints.glob("*.pt"))][-1] == "checkpoint-00000002.pt"
+
+
+def test_the_guard_skips_then_rolls_back_then_stops(tmp_path, tiny_model):
+    msgs = []
+    state = TrainState(step=1, recent_losses=[2.0] * 16, healthy_streak=16)
+    guard = DivergenceGuard(state, TrainSettings("x", max_steps=1, max_bad_steps=2, max_rollbacks=1),
+                            tiny_model.config, msgs.append)  # fmt: skip
+    assert guard.judge(True, 2.1) == "apply"
+    guard.healthy(2.1)
+    assert guard.judge(False, float("nan")) == "skip" and state.skipped_steps == 1 and state.healthy_streak == 0
+    assert guard.judge(True, 9.0) == "roll back" and state.rollbacks_in_row == 1
+    keeper = _keeper(tmp_path, tiny_model, msgs.append)
+    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
+    guard.roll_back(keeper, tiny_model, ema, opt)  # nothing to go back to yet: skips on
+    assert "no checkpoint to roll back to yet" in msgs[-1] and state.rollbacks == 0
+    _save(keeper, tiny_model, ema, opt, TrainState(step=1, recent_losses=[2.0, 2.5]))
+    assert guard.judge(False, float("nan")) == "skip"
+    assert guard.judge(False, float("nan")) == "stop" and "still unhealthy" in msgs[-1]
+
+
+def test_the_guard_rolls_back_with_the_checkpoints_history_and_halves_the_rate_when_it_repeats(tmp_path, tiny_model):
+    msgs = []
+    state = TrainState(step=5)
+    guard = DivergenceGuard(state, TrainSettings("x", max_steps=1), tiny_model.config, msgs.append)
+    keeper = _keeper(tmp_path, tiny_model, msgs.append)
+    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
+    _save(keeper, tiny_model, ema, opt, TrainState(step=3, recent_losses=[2.0, 2.5]))
+    state.rollbacks_in_row = 1
+    guard.roll_back(keeper, tiny_model, ema, opt)
+    assert (state.rollback_step, state.recent_losses, state.rollbacks, state.rewarm_from) == (3, [2.0, 2.5], 1, 5)
+    assert state.lr_scale == 1.0 and "re-warming the learning rate" in msgs[-1]
+    state.rollbacks_in_row = 2
+    guard.roll_back(keeper, tiny_model, ema, opt)
+    assert state.lr_scale == 0.5 and "now scaled by 0.5" in msgs[-1]
+    message = guard.stop_message(keeper.run, {})
+    assert "its last good checkpoint is" in message and "checkpoint-00000003.pt" in message
 
 
 def test_checkpoint_keeper_rolls_back_to_a_chosen_checkpoint_and_keeps_it(tmp_path, tiny_model):
     keeper = _keeper(tmp_path, tiny_model)
     ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
     first = copy.deepcopy(tiny_model.state_dict())
-    keeper.save(tiny_model, ema, opt, TrainState(step=1, recent_losses=[3.0, 2.9]))
+    _save(keeper, tiny_model, ema, opt, TrainState(step=1, recent_losses=[3.0, 2.9]))
     with torch.no_grad():
         next(tiny_model.parameters()).add_(1.0)
-    keeper.save(tiny_model, ema, opt, TrainState(step=2, recent_losses=[3.0, 2.9, 1.0]))
-    path, step, history = keeper.rollback(tiny_model, ema, opt, step=1)
+    _save(keeper, tiny_model, ema, opt, TrainState(step=2, recent_losses=[3.0, 2.9, 1.0]))
+    path, step, history = keeper.rollback(tiny_model, ema.model, opt, step=1)
     assert path.name == "checkpoint-00000001.pt" and step == 1 and history == [3.0, 2.9]
     assert all(torch.equal(v, first[k]) for k, v in tiny_model.state_dict().items())
     # While a rollback series is open, its checkpoint survives any number of newer ones.
     for s in (3, 4, 5):
-        keeper.save(tiny_model, ema, opt, TrainState(step=s, rollback_step=1))
+        _save(keeper, tiny_model, ema, opt, TrainState(step=s, rollback_step=1))
     assert sorted(p.name for p in keeper.run.checkpoints.glob("*.pt")) == [
         "checkpoint-00000001.pt",
         "checkpoint-00000004.pt",
         "checkpoint-00000005.pt",
     ]
     keeper.run.checkpoint_file(1).unlink()  # gone (deleted by hand): the newest one is taken
-    assert keeper.rollback(tiny_model, ema, opt, step=1)[1] == 5
+    assert keeper.rollback(tiny_model, ema.model, opt, step=1)[1] == 5
 
 
 def test_a_resume_with_a_new_learning_rate_forgets_the_rollback_scale(tmp_path, tiny_model):
     msgs = []
     keeper = _keeper(tmp_path, tiny_model, msgs.append)
     ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
-    keeper.save(tiny_model, ema, opt, TrainState(step=7, lr_scale=0.25, rollbacks_in_row=2, rollback_step=3))
-    _, same = keeper.resume(tiny_model, ema, opt)
+    _save(keeper, tiny_model, ema, opt, TrainState(step=7, lr_scale=0.25, rollbacks_in_row=2, rollback_step=3))
+    _, saved, config = keeper.resume(tiny_model, ema.model, opt)
+    same = TrainState.resumed(saved, new_lr=config.lr != tiny_model.config.lr, log=msgs.append)
     assert (same.lr_scale, same.rollbacks_in_row, same.rollback_step) == (0.25, 2, 3)
     lower = CheckpointKeeper(keeper.run, tiny_model.config.replace(lr=1e-4), {}, 2, DistInfo(), msgs.append)
-    _, state = lower.resume(tiny_model, ema, opt)
+    _, saved, config = lower.resume(tiny_model, ema.model, opt)
+    state = TrainState.resumed(saved, new_lr=config.lr != 1e-4, log=msgs.append)
     assert (state.lr_scale, state.rollbacks_in_row, state.rollback_step) == (1.0, 0, None)
     assert "reset to 1" in msgs[-1]
 

@@ -133,7 +133,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 def _add_train(sub, parents) -> None:
     from . import list_configs
-    from .train import TrainSettings
+    from .training import TrainSettings
 
     d = TrainSettings.default
     t = sub.add_parser(
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from . import jobs
-    from .train import TrainSettings
+    from .training import TrainSettings
 
     config = jobs.resolve_train_config(
         args.config,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .errors import FlowppError, UsageError
 
 __all__ = [
+    "agree",
     "DistInfo",
     "resolve_device",
     "set_threads",
@@ -307,3 +308,35 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo, src: int = 0) -> N
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def agree(
+    finite: torch.Tensor,
+    loss: torch.Tensor,
+    stop_requested: bool,
+    dist: DistInfo,
+    clock: tuple[float, float] = (0.0, 0.0),
+) -> tuple[bool, float, bool, tuple[float, float]]:
+    """(step?, global mean loss, stop?, rank 0's ``clock``): every rank must agree to step or skip,
+    and to stop on a signal, or the next collective would hang. ``clock`` is (the previous step's
+    seconds, the run's wall-clock seconds): every rank takes rank 0's, so that the time budget, the
+    learning rate that follows it and the timed evaluations and checkpoints are the same everywhere
+    (each process's own clock differs by a little, and a learning rate that differs by a little
+    makes the copies of the weights drift apart)."""
+    if not dist.enabled:
+        return bool(finite), float(loss), stop_requested, clock
+    rank0_clock = clock if dist.is_main else (0.0, 0.0)
+    votes = torch.cat(
+        [
+            finite.to(torch.float64).reshape(1),
+            loss.double().reshape(1),
+            torch.tensor([float(stop_requested), *rank0_clock], dtype=torch.float64, device=loss.device),
+        ]
+    )
+    votes = all_reduce_sum(votes, dist).cpu()
+    return (
+        bool(votes[0].item() == dist.world_size),
+        float(votes[1]) / dist.world_size,
+        bool(votes[2] > 0),
+        (float(votes[3]), float(votes[4])),
+    )

@@ -30,10 +30,10 @@ from torch import Tensor
 
 from . import distributed as D
 from .atomic import atomic_write, atomic_write_text, json_text
-from .images import chw_shape, gather
+from .images import chw_shape, gather, save_grid
 from .model import FlowPlusPlus
 
-__all__ = ["evaluate_bpd", "log_weights", "noise_generator", "summarize", "EvalParts", "weights_digest"]
+__all__ = ["evaluate_bpd", "evaluate_now", "log_weights", "noise_generator", "summarize", "EvalParts", "weights_digest"]
 
 
 _MASK64 = (1 << 64) - 1
@@ -233,3 +233,27 @@ def _agreed_parts(parts: EvalParts | None, n: int, chunk: int, dist: D.DistInfo)
         parts.start()
     D.barrier(dist)
     return agreed
+
+
+def evaluate_now(
+    ema: FlowPlusPlus,
+    valid_x: Tensor,
+    *,
+    batch_size: int,
+    samples: int,
+    seed: int,
+    grid: Path,
+    dist: D.DistInfo,
+) -> dict:
+    """The evaluation during training: validation bits/dim (sharded, noise fixed per image), and
+    on rank 0 the inverse error of 16 images and a grid of ``samples`` samples written to ``grid``."""
+    res = evaluate_bpd(ema, valid_x, batch_size=batch_size, seed=1234, dist=dist)
+    inv_err = float("nan")
+    if dist.is_main:
+        with torch.no_grad():
+            p = next(ema.parameters())
+            y = valid_x[:16].to(p.device).to(p.dtype) + 0.5
+            inv_err = float((ema.decode(ema.encode(y)) - y).abs().max())
+            g = torch.Generator(device=p.device).manual_seed(seed)
+            save_grid(ema.sample(samples, generator=g), ema.config.num_levels, grid)
+    return dict(valid_bpd=res["bpd"], inverse_error=inv_err)

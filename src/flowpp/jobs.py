@@ -25,7 +25,7 @@ from .evaluate import EvalParts, default_chunk, evaluate_bpd, weights_digest
 from .images import chw_shape, save_grid, to_nhwc
 from .model import count_parameters
 from .runs import RunDir
-from .train import TrainSettings, train
+from .training import TrainSettings, train
 
 __all__ = [
     "PAPER_EVAL_SAMPLES",

@@ -4,7 +4,7 @@
 
     RUN/config.json        the resolved config
         settings.json      the training settings
-        metrics.csv        learning curve (flowpp.train.METRIC_FIELDS)
+        metrics.csv        learning curve (METRIC_FIELDS)
         summary.json       written when training ends
         checkpoints/       checkpoint-<step>.pt, each with a .sha256 beside it (the newest few)
         best.pt            the weights of the best evaluation so far (never rotated away)
@@ -15,13 +15,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from .atomic import atomic_write_text, json_text
 from .checkpoint import (
@@ -34,11 +37,27 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .configs import FlowConfig
+from .configs import TRAINING_FIELDS, FlowConfig
 from .errors import RunError
 from .model import FlowPlusPlus
 
-__all__ = ["RunDir", "load_run", "run_config"]
+__all__ = ["RunDir", "CheckpointKeeper", "MetricsWriter", "METRIC_FIELDS", "load_run", "run_config"]
+
+METRIC_FIELDS = [
+    "step",
+    "images_seen",
+    "train_bpd",
+    "valid_bpd",
+    "lr",
+    "img_per_s",
+    "inverse_error",
+    "grad_norm",
+    "skipped_steps",
+    "rollbacks",
+    "train_seconds",
+    "wall_seconds",
+    "threads",
+]
 
 Log = Callable[[str], None]
 
@@ -240,6 +259,147 @@ class RunDir:
         info = {"checkpoint": str(path), "step": ck.get("train_state", {}).get("step"), "weights": weights,
                 "which": which}  # fmt: skip
         return model, info
+
+
+class CheckpointKeeper:
+    """A training run's checkpoints: written by rank 0 (the rotation keeps the newest ``keep`` and
+    a rollback target), the best model, and loading back for a resume or a rollback. Whether
+    weights are healthy enough to be saved is the caller's judgement (the divergence guard's)."""
+
+    def __init__(self, run: RunDir, config: FlowConfig, settings: dict, keep: int, dist, log: Log):
+        self.run, self.config, self.settings, self.keep, self.dist, self.log = run, config, settings, keep, dist, log
+
+    def save(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, state: dict) -> Path | None:
+        """Write a checkpoint of the training ``state`` (a dict: ``step``, ``rollback_step``, ...);
+        its path on rank 0, None on the others."""
+        if not self.dist.is_main:
+            return None
+        ck = dict(
+            config=self.config.to_dict(),
+            model=model.state_dict(),
+            ema=ema.state_dict(),
+            optimizer=opt.state_dict(),
+            train_state=state,
+            rng=dict(torch=torch.get_rng_state()),
+            settings=self.settings,
+            world_size=self.dist.world_size,
+        )
+        rollback_step = state.get("rollback_step")
+        protect = None if rollback_step is None else self.run.checkpoint_file(rollback_step)
+        return self.run.save_checkpoint(state["step"], ck, self.keep, log=self.log, protect=protect)
+
+    def save_best(self, model: nn.Module, ema: nn.Module, state: dict) -> Path | None:
+        """Keep the weights of the best evaluation so far (best.pt: outside the rotation)."""
+        if not self.dist.is_main:
+            return None
+        ck = dict(config=self.config.to_dict(), model=model.state_dict(), ema=ema.state_dict(),
+                  train_state=state, valid_bpd=state.get("best_valid_bpd"))  # fmt: skip
+        return self.run.save_best(ck)
+
+    def _load(
+        self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int | None = None
+    ) -> tuple[Path, dict] | None:
+        """Load the checkpoint of ``step`` (when it is still readable) or else the newest one."""
+        # Every rank reads the same file (the run directory is shared), so optimizer states agree.
+        found = None
+        if step is not None:
+            try:
+                found = self.run.checkpoint_file(step), load_checkpoint(self.run.checkpoint_file(step))
+            except CheckpointError as e:
+                self.log(f"cannot roll back to step {step} ({e}); taking the newest readable checkpoint")
+        found = found or self.run.latest_checkpoint(log=self.log)
+        if found is None:
+            return None
+        path, ck = found
+        missing = [k for k in ("ema", "optimizer", "train_state") if k not in ck]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} cannot resume training: it lacks {', '.join(missing)}")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        return path, ck
+
+    def resume(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> tuple[Path, dict, FlowConfig]:
+        """Load the newest readable checkpoint of a run of this config: its path, training state
+        (a dict) and the config it was written with (the training recipe may differ)."""
+        found = self.run.latest_checkpoint(log=self.log)
+        if found is None:
+            raise CheckpointError(f"--resume: no readable checkpoint in {self.run.checkpoints}")
+        saved = FlowConfig.from_dict(found[1]["config"])
+        diffs = saved.architecture_differences(self.config)
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {found[0]} was written for another config (checkpoint vs now: {'; '.join(diffs)})"
+            )
+        recipe = [
+            f"{k}: {v!r} -> {getattr(self.config, k)!r}"
+            for k, v in saved.to_dict().items()
+            if k in TRAINING_FIELDS and v != getattr(self.config, k)
+        ]
+        if recipe:
+            self.log(f"resuming with a changed training recipe: {'; '.join(recipe)}")
+        path, ck = self._load(model, ema, opt)
+        return path, ck["train_state"], saved
+
+    def rollback(
+        self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int | None = None
+    ) -> tuple[Path, int, list] | None:
+        """Restore the weights and optimizer of the checkpoint of ``step`` (default: the newest);
+        its (path, step, the healthy losses before it), or None when there is no checkpoint yet."""
+        found = self._load(model, ema, opt, step)
+        if found is None:
+            return None
+        saved = found[1]["train_state"]
+        return found[0], saved["step"], list(saved.get("recent_losses", []))
+
+
+class MetricsWriter:
+    """metrics.csv (rank 0; rows after a resumed checkpoint are dropped) and TensorBoard when installed."""
+
+    def __init__(self, run: RunDir, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = run.metrics_file, enabled
+        self.tb = None
+        if not enabled:
+            return
+        if not self.path.exists():
+            atomic_write_text(self.path, ",".join(METRIC_FIELDS) + "\n")
+        elif resume_step is not None:
+            self._truncate_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            return
+        self.tb = SummaryWriter(str(run.tensorboard))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop rows written after the checkpoint (they will be recomputed)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
+        # (A file written before a column was added keeps its rows; the new column is empty there.)
+        kept = [
+            r
+            for r in rows
+            if None not in r.values() and None not in r and (r.get("step") or "").isdigit() and int(r["step"]) <= step
+        ]
+        lines = [",".join(METRIC_FIELDS)] + [",".join(r.get(k, "") or "" for k in METRIC_FIELDS) for r in kept]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        vals = [f"{v:.9g}" if isinstance(v, float) else str(v) for v in (row.get(k, "") for k in METRIC_FIELDS)]
+        with open(self.path, "a") as f:
+            f.write(",".join(vals) + "\n")
+        if self.tb is not None:
+            for k in ("train_bpd", "valid_bpd", "lr", "img_per_s", "inverse_error", "grad_norm"):
+                v = row.get(k)
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def run_config(run_dir: str | os.PathLike) -> FlowConfig:

@@ -11,7 +11,14 @@ import math
 
 from .configs import FlowConfig
 
-__all__ = ["learning_rate", "warmed_up", "BUDGET_WARMUP_FRACTION", "BUDGET_SCHEDULES"]
+__all__ = [
+    "learning_rate",
+    "learning_rate_now",
+    "warmed_up",
+    "budget_used",
+    "BUDGET_WARMUP_FRACTION",
+    "BUDGET_SCHEDULES",
+]
 
 BUDGET_WARMUP_FRACTION = 0.05  # of the budget: the longest warm-up of a budget-aware schedule
 BUDGET_SCHEDULES = ("cosine", "linear")
@@ -84,3 +91,24 @@ def learning_rate(cfg: FlowConfig, step: int, progress: float | None = None) -> 
         # x0.9995 per step down to min_lr.
         return _warm_hold_decay(cfg, s, 50_000, 0.9995, cfg.min_lr)
     raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
+
+
+# --- the schedule of a run: its budget, and rollbacks (a TrainSettings and a TrainState) ---------
+
+
+def budget_used(settings, state) -> float:
+    """The fraction of the budget (``settings.max_steps`` or ``max_minutes`` of training, whichever
+    runs out first) that ``state`` (``step``, ``train_seconds``) has used."""
+    used = [state.step / settings.max_steps] if settings.max_steps else []
+    if settings.max_minutes:
+        used.append(state.train_seconds / (settings.max_minutes * 60.0))
+    return max(used)
+
+
+def learning_rate_now(config: FlowConfig, state, progress: float | None) -> float:
+    """The schedule's rate for ``state.step``, warmed up again after a rollback and scaled down
+    after repeated ones (``state.lr_scale``)."""
+    lr = learning_rate(config, state.step, progress) * state.lr_scale
+    if state.rewarm_from is not None and config.warmup_steps > 0:
+        lr *= min(1.0, (state.step - state.rewarm_from + 1) / config.warmup_steps)
+    return lr

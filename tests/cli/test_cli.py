@@ -25,7 +25,7 @@ def test_shared_options_mean_the_same_everywhere(command, extra):
 
 
 def test_train_defaults_come_from_the_settings():
-    from flowpp.train import TrainSettings
+    from flowpp.training import TrainSettings
 
     args = build_parser().parse_args(["train", "--out", "r"])
     for name in ("eval_images", "checkpoint_minutes", "keep_checkpoints", "max_bad_steps", "log_every", "progress"):

@@ -15,7 +15,7 @@ import torch
 import flowpp
 from flowpp.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from flowpp.cli import main
-from flowpp.train import TrainingDiverged, TrainSettings, train
+from flowpp.training import TrainingDiverged, TrainSettings, train
 
 ARGS = [
     "--config",
@@ -148,7 +148,7 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, tiny_npz):
 def test_a_run_ending_on_unhealthy_steps_keeps_its_last_good_weights(tmp_path, tiny_npz, monkeypatch):
     # Parameters corrupted behind the optimizer's back (say, a bad device) during step 2: no
     # checkpoint is written from then on, and the run ends with the weights of the step-2 checkpoint.
-    from flowpp import train as train_module
+    from flowpp.training import loop as train_module
 
     created = []
 

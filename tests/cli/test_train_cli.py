@@ -136,7 +136,7 @@ def test_resume_is_exact(tmp_path, tiny_npz):
 def test_the_first_metrics_row_after_a_resume_covers_the_same_steps(tmp_path, tiny_npz):
     # Rows every 4 steps, checkpoints every 3; a crash in step 7 resumes from the step-6 checkpoint,
     # mid-window: the resumed row at step 8 must still average steps 5-8.
-    from flowpp.train import TrainSettings, train
+    from flowpp.training import TrainSettings, train
 
     z = np.load(tiny_npz)
     data = (z["x_train"], z["x_valid"])
@@ -324,7 +324,7 @@ def test_compile_flag_compiles_the_loaded_model(trained, tiny_npz, tmp_path, mon
 def test_training_from_a_memory_map_with_prefetching_is_the_same_training(tmp_path, tiny_npz):
     # The prepared path (batches gathered from a memory map, a background thread running ahead)
     # trains exactly as the plain one: the same batches, noise and steps.
-    from flowpp.train import TrainSettings, train
+    from flowpp.training import TrainSettings, train
 
     z = np.load(tiny_npz)
     np.save(tmp_path / "train.npy", z["x_train"])
