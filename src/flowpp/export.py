@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_bytes, write_json
-from .checkpoint import CheckpointError
 from .configs import FlowConfig, get_config
-from .errors import UsageError
+from .export_file import EXPORT_VERSION, card_path, load_export, safetensors_module
 from .model import FlowPlusPlus, count_parameters
 from .runs import RunDir
 
@@ -27,22 +26,6 @@ __all__ = [
     "card_path",
     "EXPORT_VERSION",
 ]
-
-EXPORT_VERSION = "1"  # of the metadata layout; files of another version are refused
-
-
-def _safetensors():
-    try:
-        import safetensors.torch as st
-    except ImportError as e:
-        raise UsageError("exported weights need the safetensors package: pip install safetensors") from e
-    return st
-
-
-def card_path(weights_file: str | os.PathLike) -> Path:
-    """model.safetensors -> model.card.json"""
-    p = Path(weights_file)
-    return p.with_name(p.name[: -len(p.suffix)] + ".card.json" if p.suffix else p.name + ".card.json")
 
 
 def _measurements(run: RunDir, summary: dict, settings: dict) -> list[dict]:
@@ -66,7 +49,7 @@ def _measurements(run: RunDir, summary: dict, settings: dict) -> list[dict]:
 def save_export(model: FlowPlusPlus, out: str | Path, metadata: dict[str, str], card: dict) -> tuple[Path, int]:
     """Write ``model``'s state as safetensors (config and ``metadata`` in its header) and ``card``
     as ``<name>.card.json`` beside it; returns (path, tensor count)."""
-    st = _safetensors()
+    st = safetensors_module()
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": "flowpp",
@@ -145,28 +128,4 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> FlowPlu
 
 def load_with_metadata(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[FlowPlusPlus, dict]:
     """:func:`load`, and the file's metadata (step, which weights, ...)."""
-    st = _safetensors()
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        with st.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # a truncated file, another format: safetensors' own errors
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
-    if meta.get("format") != "flowpp" or "config" not in meta:
-        raise CheckpointError(f"{path} holds no flowpp metadata: not exported by `flowpp export`")
-    version = meta.get("flowpp_export_version", EXPORT_VERSION)
-    if version != EXPORT_VERSION:
-        raise CheckpointError(f"{path} was exported in layout version {version}; this flowpp reads {EXPORT_VERSION}")
-    try:
-        config = FlowConfig.from_dict(json.loads(meta["config"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its config metadata is not a valid flowpp config ({e})") from e
-    model = FlowPlusPlus(config)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit config {config.name!r}: {str(e).splitlines()[0]}") from e
-    return model.to(device).eval(), meta
+    return load_export(path, device, FlowPlusPlus)

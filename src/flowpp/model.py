@@ -171,9 +171,9 @@ class FlowPlusPlus(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu") -> "FlowPlusPlus":
         """The model of an exported ``.safetensors`` file, in eval mode (:func:`flowpp.load`)."""
-        from .export import load
+        from .export_file import load_export
 
-        return load(path, device)
+        return load_export(path, device, cls)[0]
 
     def set_autocast(self, dtype: torch.dtype | None) -> "FlowPlusPlus":
         """Run the conditioner and context networks under autocast (e.g. ``torch.bfloat16`` on
