@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .schedules import SCHEDULES
 
 __all__ = [
     "FlowConfig",
@@ -27,7 +28,7 @@ __all__ = [
     "parse_override",
 ]
 
-LR_SCHEDULES = ("constant", "cosine", "linear", "imagenet32", "imagenet64", "imagenet64-5bit", "celeba64")
+LR_SCHEDULES = tuple(SCHEDULES)
 
 _STAGE = re.compile(r"^(stripe|channel) x(\d+)( no-attention)?$|^squeeze$")
 
