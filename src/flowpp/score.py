@@ -2,14 +2,75 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
 import numpy as np
 
-from .data import DatasetError, read_images
+from .data import DatasetError
+from .data.formats import NpzReader, decode_image
 from .evaluate import evaluate_bpd
 from .images import to_nchw
 from .model import FlowPlusPlus
 
-__all__ = ["to_levels", "score_files"]
+__all__ = ["read_images", "to_levels", "score_files"]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_images(paths: Iterable, log: Optional[Callable[[str], object]] = None) -> list:
+    """Read images from PNG/JPEG files and ``.npz`` arrays.
+
+    Each PNG or JPEG (mode L or RGB) gives ``(basename, array)`` with the array
+    ``(H, W, C)`` uint8, C = 1 for grayscale, 3 for RGB.  An ``.npz`` gives one
+    entry per image of its first uint8 array that is 4-D ``(N, H, W, C)`` or
+    3-D ``(N, H, W)`` (a channel axis of 1 is added), named ``"file.npz[i]"``.
+    Order is the order of `paths`, then of images in each file.  Any problem
+    (missing file, directory, other format or mode, broken file, npz without
+    such an array) is a DatasetError naming the file.
+    """
+    out: list = []
+    for p in paths:
+        path = Path(os.fspath(p))
+        if not path.exists():
+            raise DatasetError(f"{path}: no such file")
+        if path.is_dir():
+            raise DatasetError(f"{path}: is a directory; pass image or .npz files")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            with NpzReader(path) as npz:
+                chosen = None
+                for key in npz.keys:
+                    shape, dtype = npz.info(key)
+                    if dtype == np.uint8 and len(shape) in (3, 4) and shape[0] > 0:
+                        chosen = key
+                        break
+                if chosen is None:
+                    raise DatasetError(
+                        f"{path}: has no uint8 array of shape (N,H,W,C) or (N,H,W) "
+                        f"(arrays: {', '.join(npz.keys) or 'none'})"
+                    )
+                arr = npz.read(chosen)
+            if arr.ndim == 3:
+                arr = arr[..., None]
+            arr = np.ascontiguousarray(arr)
+            out.extend((f"{path.name}[{i}]", arr[i]) for i in range(arr.shape[0]))
+            if log is not None:
+                log(
+                    f"read {arr.shape[0]} images {arr.shape[1]}x{arr.shape[2]}x{arr.shape[3]} "
+                    f"from {path} (array {chosen!r})"
+                )
+        elif suffix in _IMAGE_SUFFIXES:
+            arr = decode_image(path, path, formats=("PNG", "JPEG"))
+            out.append((path.name, arr))
+            if log is not None:
+                log(f"read {path} ({arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]})")
+        else:
+            raise DatasetError(
+                f"{path}: unsupported file type {suffix or '(none)'!r}; expected .png, .jpg, .jpeg or .npz"
+            )
+    return out
 
 
 def to_levels(image: np.ndarray, num_levels: int, *, eight_bit: bool) -> np.ndarray:

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowpp.data import DATASET_NAMES, DatasetError, ImageSet, load_dataset, read_images
+from flowpp.data import DATASET_NAMES, DatasetError, ImageSet, load_dataset
+from flowpp.score import read_images
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

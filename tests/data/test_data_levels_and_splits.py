@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flowpp.data import ALL_SPLITS, DatasetError, ImageSet, load_dataset, match_levels
-from flowpp.data import datasets as datasets_module
+from flowpp.data import registry as datasets_module
 
 
 def _load(path, split, **kw):

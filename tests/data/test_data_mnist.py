@@ -87,7 +87,7 @@ def test_broken_gzip_is_dataset_error(data_dir, fmt):
 
 
 def test_gzip_bomb_refused(data_dir, monkeypatch):
-    from flowpp.data import datasets
+    from flowpp.data import formats as datasets
 
     monkeypatch.setattr(datasets, "_IDX_MAX", 1000)
     root = data_dir / "mnist"

@@ -142,6 +142,7 @@ def test_an_unwritable_data_dir_falls_back_to_reading_directly(imagenet, monkeyp
     assert len(got) == 4 and any("cannot write" in m and "reading imagenet32 directly" in m for m in msgs)
 
 
+@pytest.mark.processes
 def test_processes_started_together_prepare_once(imagenet):
     code = (
         "import sys; from flowpp.data import VALID_SIZES; VALID_SIZES['imagenet32'] = 3; "

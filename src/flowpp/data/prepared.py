@@ -33,17 +33,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..atomic import atomic_write_text, file_sha256, fsync_dir, json_text
-from .datasets import (
-    _CELEBA_FILES,
-    ALLOCATE,
-    PROGRESS,
-    ImageSet,
-    _canonical,
-    default_data_dir,
-    load_dataset,
-    match_levels,
-)
+from .datasets import ImageSet, default_data_dir, load_dataset, match_levels
 from .errors import DatasetError
+from .formats import ALLOCATE, PROGRESS
+from .registry import find_dataset, shares_folder
 
 __all__ = ["prepare", "load_prepared", "prepared_path", "verify_prepared", "PREPARED_VERSION"]
 
@@ -61,10 +54,10 @@ def _quiet(_msg: str) -> None:
 
 def _key(dataset, num_levels: int | None) -> tuple[str, Path | None]:
     """(folder name under prepared/, the user path or None for a named dataset)."""
-    name = _canonical(dataset)
+    spec = find_dataset(dataset)
     suffix = "" if num_levels in (None, 256) else f"-L{num_levels}"
-    if name is not None:
-        return name + suffix, None
+    if spec is not None:
+        return spec.name + suffix, None
     path = Path(os.fspath(dataset)).expanduser().resolve()
     tag = hashlib.sha256(str(path).encode()).hexdigest()[:10]
     return f"{path.stem or 'images'}-{tag}{suffix}", path
@@ -79,11 +72,11 @@ def prepared_path(dataset, data_dir=None, num_levels: int | None = None) -> Path
 def _sources(dataset, data_dir) -> list[Path]:
     """The files and folders a dataset is read from: files directly in its folder and one level
     down, and the folders themselves (a folder's mtime changes when an entry is added or removed)."""
-    name = _canonical(dataset)
+    spec = find_dataset(dataset)
     base = Path(os.fspath(data_dir)).expanduser() if data_dir is not None else default_data_dir()
-    if name in _CELEBA_FILES:
-        return [base / "celeba" / _CELEBA_FILES[name][0]]
-    root = base / name if name is not None else Path(os.fspath(dataset)).expanduser().resolve()
+    if spec is not None and shares_folder(spec):  # the folder's other files belong to other datasets
+        return [base / spec.folder_name / f.path for f in spec.files]
+    root = base / spec.folder_name if spec is not None else Path(os.fspath(dataset)).expanduser().resolve()
     if root.is_file():
         return [root]
     found = [root]
