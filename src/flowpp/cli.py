@@ -10,11 +10,12 @@ import argparse
 import dataclasses
 import sys
 
+from .data.registry import help_text as _named_datasets_help
+
 __all__ = ["main", "build_parser"]
 
 _DATASETS_HELP = (
-    "cifar10, mnist, fashion-mnist, imagenet32, imagenet64, digits, celeba64-5bit, celeba64-3bit, "
-    "celeba128-5bit, a path to an .npz file (x_train, x_test, optional x_valid; uint8 NHWC) or a "
+    f"{_named_datasets_help()}, a path to an .npz file (x_train, x_test, optional x_valid; uint8 NHWC) or a "
     "folder of PNG images"
 )
 
@@ -135,7 +136,6 @@ def _add_train(sub, parents) -> None:
     from . import list_configs
     from .training import TrainSettings
 
-    d = TrainSettings.default
     t = sub.add_parser(
         "train",
         formatter_class=_Formatter,
@@ -181,86 +181,14 @@ def _add_train(sub, parents) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set filters=64 --set dropout=0.1 (repeatable)",
     )
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive_int, default=None, help="global batch (default: the config's)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
-    g.add_argument("--max-steps", type=_positive_int, default=d("max_steps"), help="stop after this many steps")
-    g.add_argument(
-        "--max-minutes",
-        type=_positive_float,
-        default=d("max_minutes"),
-        help="stop after this much training time (evaluation and checkpoints not counted)",
-    )
-    g.add_argument(
-        "--bf16",
-        action="store_true",
-        help="run the conditioner networks under bfloat16 autocast "
-        "(for GPUs with bf16; the mixture math and log-dets stay float32)",
-    )
-    g.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute the conditioner networks in the backward pass: far less memory, ~1/3 more time",
-    )
-    g = t.add_argument_group("evaluation, checkpoints and output")
-    g.add_argument("--out", dest="out_dir", required=True, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    g.add_argument(
-        "--eval-every", type=_positive_int, default=d("eval_every"), help="evaluate every N steps (default: at the end)"
-    )
-    g.add_argument(
-        "--eval-minutes", type=_minutes_or_off, default=d("eval_minutes"), help="evaluate every M minutes of wall-clock"
-    )
-    g.add_argument(
-        "--eval-images", type=_positive_int, default=d("eval_images"), help="validation images per evaluation"
-    )
-    g.add_argument(
-        "--checkpoint-every", type=_positive_int, default=d("checkpoint_every"), help="checkpoint every N steps"
-    )
-    g.add_argument(
-        "--checkpoint-minutes",
-        type=_minutes_or_off,
-        default=d("checkpoint_minutes"),
-        help="checkpoint every M minutes (0: only at the end). Otherwise a run's first checkpoint comes at the "
-        "end of its warm-up too, so that a blow-up at the peak rate has one to roll back to",
-    )
-    g.add_argument(
-        "--keep-checkpoints",
-        type=_positive_int,
-        default=d("keep_checkpoints"),
-        help="how many recent checkpoints to keep",
-    )
-    g.add_argument(
-        "--patience",
-        type=_positive_int,
-        default=d("patience"),
-        help="stop early after N evaluations in a row without a new best validation bpd (small datasets)",
-    )
-    g.add_argument(
-        "--max-bad-steps",
-        type=_positive_int,
-        default=d("max_bad_steps"),
-        help="unhealthy steps (non-finite, or a loss spike) in a row before rolling back to the last checkpoint",
-    )
-    g.add_argument(
-        "--spike-ratio",
-        type=_ratio_or_off,
-        default=d("spike_ratio"),
-        metavar="R",
-        help="a step whose loss exceeds R x the median of the recent healthy steps is unhealthy: skipped, "
-        "and never checkpointed ('off': only non-finite steps are)",
-    )
-    g.add_argument(
-        "--max-rollbacks",
-        type=_positive_int,
-        default=d("max_rollbacks"),
-        help="rollbacks in a row (no healthy checkpoint between; each after the first halves the learning "
-        "rate) before training stops as diverged, with a non-zero exit",
-    )
-    g.add_argument("--log-every", type=_positive_int, default=d("log_every"), help="write a metrics row every N steps")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved config and settings, then exit")
-    g.add_argument(
+    optimisation = t.add_argument_group("optimisation")
+    optimisation.add_argument("--batch-size", type=_positive_int, default=None,
+                              help="global batch (default: the config's)")  # fmt: skip
+    optimisation.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    output = t.add_argument_group("evaluation, checkpoints and output")
+    output.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    output.add_argument("--dry-run", action="store_true", help="print the resolved config and settings, then exit")
+    output.add_argument(
         "--procs",
         type=_threads,
         default=1,
@@ -269,6 +197,33 @@ def _add_train(sub, parents) -> None:
         "whatever the threads' scaling, at some cost on an idle machine); never more than 1 on a GPU or under "
         "torchrun",
     )
+    _add_settings(TrainSettings, {optimisation.title: optimisation, output.title: output})
+
+
+# How each kind of setting (flowpp.training.settings.Option.kind) is parsed.
+_SETTING_KINDS = {
+    "positive_int": dict(type=_positive_int),
+    "positive_float": dict(type=_positive_float),
+    "minutes_or_off": dict(type=_minutes_or_off),
+    "ratio_or_off": dict(type=_ratio_or_off),
+    "flag": dict(action="store_true"),
+    "off_flag": dict(action="store_false"),
+    "required": dict(required=True),
+}
+
+
+def _add_settings(settings_class, groups: dict[str, argparse._ArgumentGroup]) -> None:
+    """An option for every field of ``settings_class`` that declares one (its ``option`` metadata)."""
+    for f in dataclasses.fields(settings_class):
+        option = f.metadata.get("option")
+        if option is None:
+            continue
+        kwargs = dict(_SETTING_KINDS[option.kind], dest=f.name, help=option.help)
+        if option.kind not in ("flag", "off_flag", "required"):
+            kwargs["default"] = f.default
+        if option.metavar:
+            kwargs["metavar"] = option.metavar
+        groups[option.group].add_argument(option.flag or "--" + f.name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

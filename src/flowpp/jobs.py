@@ -18,7 +18,7 @@ import torch
 from . import distributed as D
 from .atomic import atomic_write, write_json, write_npz
 from .configs import FlowConfig, get_config, list_configs
-from .data import DATASET_NAMES, ImageSet, load_dataset, match_levels
+from .data import DATASET_NAMES, DATASETS, ImageSet, load_dataset, match_levels
 from .data.prepared import load_prepared, prepare, prepared_path, verify_prepared
 from .errors import UsageError
 from .evaluate import EvalParts, default_chunk, evaluate_bpd, weights_digest
@@ -79,8 +79,9 @@ def _hwc(config: FlowConfig) -> tuple[int, int, int]:
 
 
 def _prepared_by_default(data: str) -> bool:
-    """Named datasets are prepared on first use (all but the embedded digits); files when asked."""
-    return data in DATASET_NAMES and data != "digits"
+    """Named datasets are prepared on first use (unless their entry says otherwise); files when asked."""
+    spec = DATASETS.get(data)
+    return spec is not None and spec.prepared_by_default
 
 
 def load_images(
