@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
 from helpers import perturb_parameters
 
 import flowpp
+
+
+def pytest_configure(config):
+    # Two xdist workers on two cores: each takes one intra-op thread, since spinning OpenMP
+    # threads of two processes on the same cores slow both down several times.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+def pytest_itemcollected(item):
+    """Under xdist (``make test``: ``-n 2 --dist loadgroup``) the tests that start several
+    processes share one worker, so that they run one at a time beside the in-process tests
+    instead of crowding two cores with two process groups at once. (Marked as each test is
+    collected: xdist reads the groups in its own collection hook.)"""
+    if item.get_closest_marker("processes"):
+        item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture

@@ -120,7 +120,6 @@ def test_bench_only_and_cpu_bf16_is_ignored(tmp_path):
     assert "logprob_img_per_s" in doc["metrics"] and "train_img_per_s" not in doc["metrics"]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_quick_cpu(tmp_path):
     out = tmp_path / "out"
@@ -132,14 +131,10 @@ def test_gpu_check_quick_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     names = {p.stem for p in out.glob("*.json")}
-    assert {
-        "cifar10_b64_fp32",
-        "cifar10_b64_bf16",
-        "sample8_fp32",
-        "sample8_bf16",
-        "imagenet64_b8_fp32",
-        "imagenet64_b8_bf16",
-    } <= names
+    assert {"cifar10_b64_fp32", "sample8_fp32", "imagenet64_b8_fp32"} <= names
+    # on a CPU the bfloat16 steps would repeat the float32 ones (bench.py ignores --bf16 there)
+    assert not any(n.endswith("_bf16") for n in names)
+    assert "skipped: cifar10_b64_bf16 sample8_bf16 imagenet64_b8_bf16" in proc.stdout
     assert (out / "summary.txt").read_text().strip()
     doc = json.loads((out / "cifar10_b64_fp32.json").read_text())
     assert doc["metrics"]["train_img_per_s"]["value"] > 0
@@ -233,6 +228,7 @@ def test_plot_curves_reads_its_own_tables_back(tmp_path):
     assert set(plot.read_table(both.with_suffix(".md"))) == {"before", "after"} and both.stat().st_size > 0
 
 
+@pytest.mark.processes
 def test_bench_contention_tiny(tmp_path):
     # The digits data is built in; two settings, each idle and next to one busy loop.
     out = tmp_path / "contention.json"

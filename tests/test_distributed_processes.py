@@ -60,6 +60,7 @@ def test_timers_follow_the_clock_they_are_given():
     assert _Every(steps=5, minutes=None, now=0.0).due(10, 0.0)
 
 
+@pytest.mark.processes
 def test_a_worker_that_fails_is_reported_with_what_it_said(monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     threads, env = torch.get_num_threads(), dict(os.environ)
@@ -74,6 +75,7 @@ def test_a_worker_that_fails_is_reported_with_what_it_said(monkeypatch, tmp_path
     assert dict(os.environ) == env and torch.get_num_threads() == threads  # all given back
 
 
+@pytest.mark.processes
 def test_rank_0_stuck_waiting_for_a_failed_worker_ends_with_its_error(tmp_path):
     # Rank 0 blocked in a collective never returns to Python: the watchdog ends the process.
     script = textwrap.dedent(

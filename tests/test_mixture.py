@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scipy import stats
 from scipy.special import log_expit, log_softmax, logsumexp
 
 from flowpp import mixture as M
@@ -39,6 +38,8 @@ def ref_terms(x, logits, means, log_scales):
     lw = log_softmax(logits, axis=-1)
     s = np.exp(log_scales)
     xx = x[..., None]
+    from scipy import stats  # (imported here: scipy.stats takes 1.5 s to import)
+
     a_cdf = lw + stats.logistic.logcdf(xx, loc=means, scale=s)
     a_sf = lw + stats.logistic.logsf(xx, loc=means, scale=s)
     a_pdf = lw + stats.logistic.logpdf(xx, loc=means, scale=s)
@@ -82,6 +83,8 @@ def ref_inverse_logit(v, logits, means, log_scales, iters=300):
 def condition(r, key):
     """sum over components of |d log term / d z_k| (|z_k| + 1): the error amplification of
     the rounding of z_k = (x - mu_k) / s_k, for the reference quantity ``key``."""
+    from scipy import stats
+
     z = r["z"]
     if key == "cdf":
         d = stats.logistic.sf(z)  # d log sigmoid(z) / dz

@@ -12,6 +12,8 @@ paper's architecture table reads. For the CIFAR-10 config ``print(model.flow)`` 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -319,8 +321,10 @@ class FlowPlusPlus(nn.Module):
         return True
 
 
+@functools.lru_cache(maxsize=64)
 def count_parameters(config: FlowConfig) -> int:
-    """Number of parameters of the model for ``config``, counted on the meta device (no memory)."""
+    """Number of parameters of the model for ``config``, counted on the meta device (no memory;
+    remembered, since building even a meta model of a paper config takes a second)."""
     with torch.device("meta"):
         model = FlowPlusPlus(config)
     return sum(p.numel() for p in model.parameters())

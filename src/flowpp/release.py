@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write, file_sha256
-from .configs import FlowConfig, get_config, list_configs, parse_stage
+from .configs import TRAINING_FIELDS, FlowConfig, get_config, list_configs, parse_stage
 from .ddi import DataDependentInit
 from .dequantizers import VariationalDequantizer
 from .errors import ConfigError, FlowppError
@@ -250,22 +250,44 @@ def release_variables(model: FlowPlusPlus) -> list[ReleaseVariable]:
     return variables
 
 
-@functools.lru_cache(maxsize=32)
 def expected_shapes(config: FlowConfig) -> dict[str, tuple[int, ...]]:
     """{TF name: TF shape} of the release file for ``config`` (built on the meta device: no memory)."""
     release_dialect(config)
+    # Only the architecture decides the file: configs that differ in their recipe, levels or the
+    # precision of the mixture math (the n-bit models) share one answer.
+    plain = FlowConfig.from_dict({**config.to_dict(), **_NOT_ARCHITECTURE})
+    return _expected_shapes(plain)
+
+
+_DEFAULTS = FlowConfig(name="defaults", image_shape=(1, 2, 2))
+_NOT_ARCHITECTURE = dict(name="release", notes="", official=False, num_levels=256, mixture_float64=False, dropout=0.0,
+                         **{k: getattr(_DEFAULTS, k) for k in TRAINING_FIELDS})  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(config: FlowConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = FlowPlusPlus(config)
     params = dict(model.named_parameters())
     return {v.name: _tf_shape(tuple(params[v.key].shape), v.layout) for v in release_variables(model)}
 
 
+def _image_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images a file's model is for: the first Norm acts on a stripe half of the
+    image (the dequantizer's first stage), shaped (H, W/2, C)."""
+    first = shapes.get("Norm/norm0/g")
+    return (first[2], first[0], 2 * first[1]) if first is not None and len(first) == 3 else None
+
+
 def configs_fitting(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The named configs whose release file has exactly these variable names and shapes."""
-    found = []
+    found, image_shape = [], _image_shape(shapes)
     for name in list_configs():
+        config = get_config(name)
+        if image_shape is not None and tuple(config.image_shape) != image_shape:
+            continue
         try:
-            if expected_shapes(get_config(name)) == shapes:
+            if expected_shapes(config) == shapes:
                 found.append(name)
         except (ReleaseFormatError, ConfigError):
             continue

@@ -1,6 +1,7 @@
 """DDP on CPU (gloo; under torchrun, or processes flowpp starts itself): the same numbers as one process."""
 
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -11,11 +12,25 @@ import pytest
 import torch
 
 from flowpp.checkpoint import list_checkpoints, load_checkpoint
+from flowpp.cli import main
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+pytestmark = [
+    pytest.mark.processes,  # torchrun and flowpp's own process groups
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available"),
+]
 
 COMMON = ["--config", "tiny", "--no-progress", "--log-every", "1", "--device", "cpu", "--eval-images", "15"]
 COMMON += ["--threads", "1"]
+
+
+def here(*args, command="train"):
+    """One process: run in this one (no process of its own to start), on one thread like the others."""
+    before = torch.get_num_threads()
+    try:
+        code = main([command, *map(str, args), *(["--threads", "1"] if command == "eval" else [])])
+    finally:
+        torch.set_num_threads(before)
+    return subprocess.CompletedProcess([command], code, "", "")
 
 
 def launch(nproc, *args, timeout=240, command="train"):
@@ -49,11 +64,11 @@ def assert_ok(proc):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per (xdist) process, even when its tests are spread out
 def runs(tmp_path_factory, tiny_npz):
     root = tmp_path_factory.mktemp("ddp")
     one, two = root / "one", root / "two"
-    assert_ok(launch(1, *COMMON, "--data", tiny_npz, "--out", one, "--max-steps", 5))
+    assert_ok(here(*COMMON, "--data", tiny_npz, "--out", one, "--max-steps", 5))
     assert_ok(launch(2, *COMMON, "--data", tiny_npz, "--out", two, "--max-steps", 5))
     return one, two
 
@@ -76,12 +91,12 @@ def test_two_processes_match_one(runs):
 def test_resume_across_world_sizes(runs, tmp_path, tiny_npz):
     one, two = runs
     reference = tmp_path / "ref"
-    assert_ok(launch(1, *COMMON, "--data", tiny_npz, "--out", reference, "--max-steps", 8))
+    assert_ok(here(*COMMON, "--data", tiny_npz, "--out", reference, "--max-steps", 8))
     ref, _ = losses(reference)
     # 2 processes -> 1 process
     a = tmp_path / "a"
     subprocess.run(["cp", "-r", str(two), str(a)], check=True)
-    assert_ok(launch(1, *COMMON, "--out", a, "--resume", "--max-steps", 8))
+    assert_ok(here(*COMMON, "--out", a, "--resume", "--max-steps", 8))
     # 1 process -> 2 processes
     b = tmp_path / "b"
     subprocess.run(["cp", "-r", str(one), str(b)], check=True)
@@ -101,7 +116,7 @@ def test_flowpp_starts_its_own_processes_and_an_uneven_batch_matches_one_process
     common = [*COMMON, "--data", tiny_npz, "--max-steps", 4, "--batch-size", 7]
     timed = ["--eval-minutes", "0.001", "--checkpoint-minutes", "0.001"]
     one, three = tmp_path / "one", tmp_path / "three"
-    assert_ok(launch(1, *common, "--out", one, "--procs", 1, *timed))
+    assert_ok(here(*common, "--out", one, "--procs", 1, *timed))
     proc = launch(1, *common, "--out", three, "--procs", 3, *timed, timeout=180)
     assert_ok(proc)
     assert "training on 3 processes x 1 thread(s)" in proc.stdout
@@ -127,7 +142,8 @@ def test_evaluation_on_two_processes_matches_one(runs, tiny_npz, tmp_path):
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"eval{nproc}.json"
-        assert_ok(launch(nproc, *common, "--batch-size", 16, "--out", out, command="eval"))
+        run = here if nproc == 1 else functools.partial(launch, nproc)
+        assert_ok(run(*common, "--batch-size", 16, "--out", out, command="eval"))
         results[nproc] = json.loads(out.read_text()), np.load(tmp_path / f"eval{nproc}.per_image.npy")
     (one, per_one), (two, per_two) = results[1], results[2]
     assert one["processes"] == 1 and two["processes"] == 2 and one["n_images"] == two["n_images"] == 24

@@ -17,7 +17,7 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per (xdist) process, even when its tests are spread out
 def trained(tmp_path_factory, tiny_npz):
     out = tmp_path_factory.mktemp("life") / "run"
     args = ("--max-steps", 8, "--eval-every", 2, "--checkpoint-every", 1, "--keep-checkpoints", 1, "--lr", "0.005")

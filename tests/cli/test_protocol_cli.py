@@ -79,7 +79,7 @@ def test_eval_of_an_official_config_states_the_papers_protocol(tmp_path, tiny_np
             "--samples",
             4096,
             "--batch-size",
-            1,
+            4096,
         )
         == 0
     )

@@ -26,7 +26,7 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per (xdist) process, even when its tests are spread out
 def trained(tmp_path_factory, tiny_npz):
     out = tmp_path_factory.mktemp("runs") / "run"
     assert run(*TRAIN, "--data", tiny_npz, "--out", out, "--max-steps", 6, "--eval-every", 3) == 0

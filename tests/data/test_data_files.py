@@ -314,6 +314,17 @@ def test_digits():
         assert len(_load(SHARED / "digits8x8.npz", "valid")) == 144
 
 
+def test_digits_read_without_importing_sklearn_are_sklearns_digits(monkeypatch):
+    pytest.importorskip("sklearn")
+    from flowpp.data import loaders
+
+    direct = loaders.bundled_digits()  # read from scikit-learn's package data, as load_digits does
+    assert direct is not None and direct.shape == (1797, 8, 8)
+    monkeypatch.setattr(loaders, "bundled_digits", lambda: None)  # a layout this does not know
+    through_sklearn = load_dataset("digits", "test", log=None).images[..., 0]
+    np.testing.assert_array_equal(direct[-360:], through_sklearn)
+
+
 def test_digits_without_sklearn(monkeypatch):
     import sys
 

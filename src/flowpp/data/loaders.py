@@ -159,18 +159,40 @@ def load_release_file(spec: DatasetSpec, root: Path, split: str, download: bool,
     return part, f"{spec.title} (Flow++ release file {path}); {detail}"
 
 
+def bundled_digits() -> np.ndarray | None:
+    """The (1797, 8, 8) images of scikit-learn's ``digits.csv.gz``, read straight from its package
+    data, as ``load_digits`` reads them; None when the file is not where scikit-learn keeps it.
+    Importing scikit-learn itself takes about 2 seconds, longer than a demo's data takes to read."""
+    import importlib.util
+
+    found = importlib.util.find_spec("sklearn")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    try:
+        data = np.loadtxt(path, delimiter=",")
+    except (OSError, ValueError):
+        return None
+    if data.ndim != 2 or data.shape[1] != 65:
+        return None
+    return data[:, :-1].reshape(-1, 8, 8)
+
+
 def load_sklearn_digits(spec: DatasetSpec, root: Path, split: str, download: bool, log: Log) -> tuple:
     """The digits scikit-learn bundles (UCI optdigits): no files, nothing to download."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DatasetError(
-            f"the {spec.name!r} dataset needs scikit-learn: pip install scikit-learn (or pip install 'flowpp[digits]')"
-        ) from exc
-    try:
-        imgs = np.asarray(load_digits().images)
-    except Exception as exc:  # noqa: BLE001 - a broken scikit-learn install
-        raise DatasetError(f"{spec.name}: scikit-learn could not load its bundled digits ({exc})") from exc
+    imgs = bundled_digits()
+    if imgs is None:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as exc:
+            raise DatasetError(
+                f"the {spec.name!r} dataset needs scikit-learn: pip install scikit-learn (or pip install "
+                "'flowpp[digits]')"
+            ) from exc
+        try:
+            imgs = np.asarray(load_digits().images)
+        except Exception as exc:  # noqa: BLE001 - a broken scikit-learn install
+            raise DatasetError(f"{spec.name}: scikit-learn could not load its bundled digits ({exc})") from exc
     h, w, _ = spec.image_shape
     top = spec.num_levels - 1
     if (
