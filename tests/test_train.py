@@ -391,3 +391,42 @@ def test_metrics_of_a_run_written_before_a_column_was_added_survive_a_resume(tmp
     lines = run.metrics_file.read_text().splitlines()
     assert lines[0] == ",".join(METRIC_FIELDS) and [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
     assert lines[1].endswith(",")  # the new column is empty for the old rows
+
+
+def test_events_say_what_is_due_after_a_step():
+    from flowpp.training.events import Due, Events
+
+    cfg = flowpp.get_config("tiny").replace(warmup_steps=3)
+    settings = TrainSettings("x", max_steps=10, log_every=2, eval_every=4, checkpoint_every=6, patience=2)
+    state = TrainState()
+    events = Events(settings, cfg, state, fresh=True)
+    due = {}
+    for step in range(1, 10):
+        state.step = step
+        d = events.due(now=float(step), progress=step / 10)
+        due[step] = (d.log, d.evaluate, d.checkpoint)
+        if d.checkpoint:
+            events.checkpoint_considered(attempted=True, now=float(step))
+    assert [s for s, d in due.items() if d[0]] == [2, 4, 6, 8]
+    assert [s for s, d in due.items() if d[1]] == [4, 8]
+    assert [s for s, d in due.items() if d[2]] == [3, 6]  # the first at the end of the warm-up, then every 6
+    state.step = 10  # the last step: a metrics row, but no timed evaluation or checkpoint (the end has its own)
+    assert events.due(now=10.0, progress=1.0) == Due(log=True, evaluate=False, checkpoint=False)
+    resumed = Events(settings, cfg, TrainState(step=3), fresh=False)  # a resumed run has had its first checkpoint
+    assert not resumed.due(now=3.0, progress=0.3).checkpoint
+    state.evals_since_best = 1
+    assert not events.out_of_patience()
+    state.evals_since_best = 2
+    assert events.out_of_patience()
+
+
+def test_events_follow_the_minutes_of_the_clock_they_are_given():
+    from flowpp.training import Events
+
+    settings = TrainSettings("x", max_minutes=10, eval_minutes=1.0, checkpoint_minutes=None)
+    state = TrainState(step=5, wall_seconds=100.0)  # resumed at 100 s of the run
+    events = Events(settings, flowpp.get_config("tiny"), state, fresh=False)
+    assert not events.due(now=130.0, progress=0.2).evaluate
+    assert events.due(now=161.0, progress=0.3).evaluate
+    events.evaluated(now=161.0)
+    assert not events.due(now=200.0, progress=0.35).evaluate
