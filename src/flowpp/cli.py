@@ -235,8 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_train(sub, parents)
+    for add in (_add_train, _add_eval, _add_prepare, _add_sample, _add_score, _add_export, _add_import, _add_configs):
+        add(sub, parents)
+    return p
 
+
+def _add_eval(sub, parents) -> None:
     e = sub.add_parser(
         "eval",
         formatter_class=_Formatter,
@@ -276,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(by default it continues from them)",
     )
 
+
+def _add_prepare(sub, parents) -> None:
     pr = sub.add_parser(
         "prepare",
         formatter_class=_Formatter,
@@ -292,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--verify", action="store_true",
                     help="check every byte against the manifest's digests; rebuild when they differ")  # fmt: skip
 
+
+def _add_sample(sub, parents) -> None:
     s = sub.add_parser(
         "sample",
         formatter_class=_Formatter,
@@ -307,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=_positive_int, default=1, help="enlarge the grid by this integer factor")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch")
 
+
+def _add_score(sub, parents) -> None:
     c = sub.add_parser(
         "score",
         formatter_class=_Formatter,
@@ -321,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples", type=_positive_int, default=16, help="dequantization samples per image")
     c.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
 
+
+def _add_export(sub, parents) -> None:
     x = sub.add_parser(
         "export",
         formatter_class=_Formatter,
@@ -341,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flowpp: safetensors and a model card; release: the Flow++ release's .npz; "
                         "auto: release when --out ends in .npz")  # fmt: skip
 
+
+def _add_import(sub, parents) -> None:
     m = sub.add_parser(
         "import",
         formatter_class=_Formatter,
@@ -360,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override,
                    metavar="KEY=VALUE", help="override a config field, as for train (repeatable)")  # fmt: skip
 
+
+def _add_configs(sub, parents) -> None:
     k = sub.add_parser("configs", formatter_class=_Formatter, help="list the named configs with parameter counts")
     k.add_argument("name", nargs="?", default=None, help="show one config in full")
-    return p
 
 
 def _train(args) -> int:

@@ -9,7 +9,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from .data import DatasetError
-from .data.formats import NpzReader, decode_image
+from .data.image_files import decode_image
+from .data.npz_files import NpzReader
 from .evaluate import evaluate_bpd
 from .images import to_nchw
 from .model import FlowPlusPlus

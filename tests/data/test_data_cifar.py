@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flowpp.data import VALID_SIZES, DatasetError, ImageSet, load_dataset
-from flowpp.data.formats import cifar_batch_images, restricted_loads
+from flowpp.data.cifar_pickle import cifar_batch_images, restricted_loads
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowpp.data import VALID_SIZES, DatasetError, ImageSet, load_dataset
-from flowpp.data.formats import cifar_batch_images
+from flowpp.data.cifar_pickle import cifar_batch_images
 from flowpp.score import read_images
 
 # The autouse fixtures (offline URLs, env) are the same for every example.

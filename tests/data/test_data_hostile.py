@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from flowpp.data import VALID_SIZES, DatasetError, load_dataset
-from flowpp.data.formats import SafeTar, cifar_batch_images, read_tar_stream, restricted_loads
+from flowpp.data.cifar_pickle import cifar_batch_images, restricted_loads
+from flowpp.data.tar_files import SafeTar, read_tar_stream
 
 
 @pytest.fixture(autouse=True)

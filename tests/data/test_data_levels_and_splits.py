@@ -103,7 +103,7 @@ def test_celeba_errors_name_the_file_and_the_problem(data_dir, small_celeba):
 
 
 def test_an_npz_of_the_wrong_image_shape_is_refused_before_decompressing(tmp_path, monkeypatch):
-    from flowpp.data import formats
+    from flowpp.data import npz_files as formats
 
     bomb = tmp_path / "bomb.npz"
     np.savez_compressed(bomb, x_train=np.zeros((300, 256, 256, 3), np.uint8), x_test=np.zeros((1, 8, 8, 3), np.uint8))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flowpp.data import VALID_SIZES, DatasetError, load_dataset
-from flowpp.data.formats import parse_idx_images
+from flowpp.data.idx_files import parse_idx_images
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

@@ -30,7 +30,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from .errors import DatasetError
-from .formats import NpzReader, PngImages, decode_pngs, npz_images
+from .formats import PngImages, decode_pngs, npz_images
+from .npz_files import NpzReader
 from .registry import DATASET_NAMES, find_dataset
 from .splits import ALL_SPLITS, SPLITS, Holdout, carve, take
 
