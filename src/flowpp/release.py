@@ -183,22 +183,29 @@ def _attention_variables(mixer: nn.Module, key: str, scope: str) -> Iterator[Rel
     yield from _conv_variables(mixer.proj_out, f"{key}.proj_out", f"{scope}/proj2")
 
 
+def _block_variables(block: GatedBlock, key: str, scopes: dict[str, str], dialect: str) -> Iterator[ReleaseVariable]:
+    """A gated block's variables; ``scopes`` names its parts (conv, a_proj, gate, ln1, attn, ln2)
+    as the official code does where the block stands (conditioner or context network)."""
+    yield from _conv_variables(block.conv.conv_in, f"{key}.conv.conv_in", scopes["conv"])
+    if block.conv.context_proj is not None:
+        yield from _conv_variables(block.conv.context_proj, f"{key}.conv.context_proj", scopes["a_proj"])
+    yield from _conv_variables(block.conv.conv_gate, f"{key}.conv.conv_gate", scopes["gate"])
+    yield from _layer_norm_variables(block.norm1, f"{key}.norm1", scopes["ln1"], dialect)
+    if block.mixer is not None:
+        yield from _attention_variables(block.mixer, f"{key}.mixer", scopes["attn"])
+        yield from _layer_norm_variables(block.norm2, f"{key}.norm2", scopes["ln2"], dialect)
+
+
 def _conditioner_variables(net: Conditioner, key: str, scope: str, dialect: str) -> Iterator[ReleaseVariable]:
     first, last = ("proj_in", "proj_out") if dialect == "cifar" else ("c1", "c2")
     if net.pos_emb is not None:
         yield ReleaseVariable(f"{scope}/pos_emb", f"{key}.pos_emb", "hwc")
     yield from _conv_variables(net.proj_in, f"{key}.proj_in", f"{scope}/{first}")
     for i, block in enumerate(net.blocks):
-        assert isinstance(block, GatedBlock)
-        k, s = f"{key}.blocks.{i}", f"{scope}/block{i}"
-        yield from _conv_variables(block.conv.conv_in, f"{k}.conv.conv_in", f"{s}/conv/c1")
-        if block.conv.context_proj is not None:
-            yield from _conv_variables(block.conv.context_proj, f"{k}.conv.context_proj", f"{s}/conv/a_proj")
-        yield from _conv_variables(block.conv.conv_gate, f"{k}.conv.conv_gate", f"{s}/conv/c2")
-        yield from _layer_norm_variables(block.norm1, f"{k}.norm1", f"{s}/ln1", dialect)
-        if block.mixer is not None:
-            yield from _attention_variables(block.mixer, f"{k}.mixer", f"{s}/attn")
-            yield from _layer_norm_variables(block.norm2, f"{k}.norm2", f"{s}/ln2", dialect)
+        s = f"{scope}/block{i}"
+        names = dict(conv=f"{s}/conv/c1", a_proj=f"{s}/conv/a_proj", gate=f"{s}/conv/c2", ln1=f"{s}/ln1",
+                     attn=f"{s}/attn", ln2=f"{s}/ln2")  # fmt: skip
+        yield from _block_variables(block, f"{key}.blocks.{i}", names, dialect)
     yield from _conv_variables(net.proj_out, f"{key}.proj_out", f"{scope}/{last}")
 
 
@@ -208,13 +215,9 @@ def _context_variables(net: ContextNet, key: str, dialect: str) -> Iterator[Rele
     if net.pos_emb is not None:
         yield ReleaseVariable(f"{scope}/pos_emb_dq", f"{key}.pos_emb", "hwc")
     for i, block in enumerate(net.blocks):
-        k = f"{key}.blocks.{i}"
-        yield from _conv_variables(block.conv.conv_in, f"{k}.conv.conv_in", f"{scope}/c{i}/c1")
-        yield from _conv_variables(block.conv.conv_gate, f"{k}.conv.conv_gate", f"{scope}/c{i}/c2")
-        yield from _layer_norm_variables(block.norm1, f"{k}.norm1", f"{scope}/dqln{i}", dialect)
-        if block.mixer is not None:
-            yield from _attention_variables(block.mixer, f"{k}.mixer", f"{scope}/dqattn{i}")
-            yield from _layer_norm_variables(block.norm2, f"{k}.norm2", f"{scope}/ln{i}", dialect)
+        names = dict(conv=f"{scope}/c{i}/c1", gate=f"{scope}/c{i}/c2", ln1=f"{scope}/dqln{i}",
+                     attn=f"{scope}/dqattn{i}", ln2=f"{scope}/ln{i}")  # fmt: skip
+        yield from _block_variables(block, f"{key}.blocks.{i}", names, dialect)
 
 
 def _flow_variables(flow: Sequential, key: str, scopes: _Scopes, dialect: str) -> Iterator[ReleaseVariable]:
