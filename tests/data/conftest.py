@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import replace_mirrors
 from PIL import Image
 
 CIFAR_DIR = "cifar-10-batches-py"
@@ -323,9 +324,10 @@ def _offline(monkeypatch, tmp_path):
     """No test may reach the internet or the user's cache: every download URL
     points at a closed local port (tests that serve files override this), and
     FLOWPP_DATA_DIR points into tmp_path."""
-    from flowpp.data import URLS
+    from flowpp.data import DATASETS
 
     dead = closed_port_url()
-    for key in list(URLS):
-        monkeypatch.setitem(URLS, key, [dead])
+    for name, spec in DATASETS.items():
+        if spec.mirrors:
+            replace_mirrors(monkeypatch, name, [dead])
     monkeypatch.setenv("FLOWPP_DATA_DIR", str(tmp_path / "env-data-dir"))

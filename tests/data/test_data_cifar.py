@@ -4,8 +4,9 @@ import pickle
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 
-from flowpp.data import VALID_SIZES, DatasetError, ImageSet, load_dataset
+from flowpp.data import DATASETS, DatasetError, ImageSet, load_dataset
 from flowpp.data.cifar_pickle import cifar_batch_images, restricted_loads
 
 
@@ -16,7 +17,7 @@ def cifar_root(data_dir, fmt, monkeypatch):
     root = data_dir / "cifar10"
     root.mkdir()
     (root / "cifar-10-python.tar.gz").write_bytes(fmt.cifar_tarball_bytes(per_batch=3, test_n=4))
-    monkeypatch.setitem(VALID_SIZES, "cifar10", 4)
+    replace_holdout(monkeypatch, "cifar10", valid=4)
     return root
 
 
@@ -45,17 +46,17 @@ def test_splits_shapes_and_pixels(cifar_root, data_dir, fmt, logbook):
 
 
 def test_real_split_sizes_are_45000_5000():
-    assert VALID_SIZES["cifar10"] == 5000
+    assert DATASETS["cifar10"].holdout.valid == 5000
 
 
 def test_too_few_training_images_for_holdout(cifar_root, data_dir, monkeypatch):
-    monkeypatch.setitem(VALID_SIZES, "cifar10", 15)
+    replace_holdout(monkeypatch, "cifar10", valid=15)
     with pytest.raises(DatasetError, match="need more than 15"):
         load_dataset("cifar10", "train", data_dir=data_dir, download=False, log=None)
 
 
 def test_extracted_folder_is_read(data_dir, fmt, monkeypatch):
-    monkeypatch.setitem(VALID_SIZES, "cifar10", 2)
+    replace_holdout(monkeypatch, "cifar10", valid=2)
     folder = data_dir / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for b in range(5):

@@ -4,8 +4,9 @@ import os
 
 import numpy as np
 import pytest
+from helpers import published_md5, replace_holdout, replace_md5, replace_mirrors
 
-from flowpp.data import MD5, URLS, VALID_SIZES, DatasetError, load_dataset
+from flowpp.data import DatasetError, load_dataset
 from flowpp.data.download import fetch
 
 
@@ -17,8 +18,8 @@ def test_cifar_download_success(http_dir, data_dir, fmt, monkeypatch, logbook):
     served, url = http_dir
     blob = fmt.cifar_tarball_bytes(per_batch=2, test_n=3)
     (served / "cifar-10-python.tar.gz").write_bytes(blob)
-    monkeypatch.setitem(URLS, "cifar10", [url])
-    monkeypatch.setitem(MD5["cifar10"], "cifar-10-python.tar.gz", fmt.md5_bytes(blob))
+    replace_mirrors(monkeypatch, "cifar10", [url])
+    replace_md5(monkeypatch, "cifar10", "cifar-10-python.tar.gz", fmt.md5_bytes(blob))
     te = load_dataset("cifar10", "test", data_dir=data_dir, log=logbook.append)
     np.testing.assert_array_equal(te.images, fmt.cifar_expected(2, 3)[1])
     root = data_dir / "cifar10"
@@ -30,7 +31,7 @@ def test_cifar_download_success(http_dir, data_dir, fmt, monkeypatch, logbook):
 def test_wrong_checksum_refused_and_nothing_kept(http_dir, data_dir, fmt, monkeypatch):
     served, url = http_dir
     (served / "cifar-10-python.tar.gz").write_bytes(fmt.cifar_tarball_bytes(per_batch=2))
-    monkeypatch.setitem(URLS, "cifar10", [url])  # the official MD5 stays: mismatch
+    replace_mirrors(monkeypatch, "cifar10", [url])  # the official MD5 stays: mismatch
     with pytest.raises(DatasetError) as ei:
         load_dataset("cifar10", "test", data_dir=data_dir, log=None)
     msg = str(ei.value)
@@ -41,7 +42,7 @@ def test_wrong_checksum_refused_and_nothing_kept(http_dir, data_dir, fmt, monkey
 
 def test_http_404(http_dir, data_dir, monkeypatch):
     _, url = http_dir
-    monkeypatch.setitem(URLS, "mnist", [url])
+    replace_mirrors(monkeypatch, "mnist", [url])
     with pytest.raises(DatasetError, match="HTTP 404") as ei:
         load_dataset("mnist", "test", data_dir=data_dir, log=None)
     assert "t10k-images-idx3-ubyte.gz" in str(ei.value)
@@ -53,8 +54,8 @@ def test_mirror_fallback(http_dir, data_dir, fmt, monkeypatch, logbook):
     test = fmt.make_images(3, 28, 28, 1)
     blob = fmt.idx_gz_bytes(test)
     (served / "t10k-images-idx3-ubyte.gz").write_bytes(blob)
-    monkeypatch.setitem(URLS, "fashion-mnist", [fmt.closed_port_url(), url + "missing/", url])
-    monkeypatch.setitem(MD5["fashion-mnist"], "t10k-images-idx3-ubyte.gz", fmt.md5_bytes(blob))
+    replace_mirrors(monkeypatch, "fashion-mnist", [fmt.closed_port_url(), url + "missing/", url])
+    replace_md5(monkeypatch, "fashion-mnist", "t10k-images-idx3-ubyte.gz", fmt.md5_bytes(blob))
     te = load_dataset("fashion-mnist", "test", data_dir=data_dir, log=logbook.append)
     np.testing.assert_array_equal(te.images, test)
     assert sum("downloading" in m for m in logbook) == 3
@@ -73,7 +74,7 @@ def test_offline_error_names_file_and_place(data_dir):
 
 def test_no_network_when_file_present(data_dir, fmt, monkeypatch):
     # The URL is a closed port: any network attempt would fail the load.
-    monkeypatch.setitem(VALID_SIZES, "cifar10", 2)
+    replace_holdout(monkeypatch, "cifar10", valid=2)
     root = data_dir / "cifar10"
     root.mkdir()
     (root / "cifar-10-python.tar.gz").write_bytes(fmt.cifar_tarball_bytes(per_batch=2))
@@ -134,8 +135,8 @@ def test_fetch_existing_good_file_is_replaced_only_after_verification(http_dir, 
 
 
 def test_published_checksums_recorded():
-    assert MD5["cifar10"]["cifar-10-python.tar.gz"] == "c58f30108f718f92721af3b95e74349a"
-    assert MD5["mnist"]["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
-    assert MD5["mnist"]["t10k-images-idx3-ubyte.gz"] == "9fb629c4189551a2d022fa330f9573f3"
-    assert MD5["fashion-mnist"]["train-images-idx3-ubyte.gz"] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
-    assert MD5["fashion-mnist"]["t10k-images-idx3-ubyte.gz"] == "bef4ecab320f06d8554ea6380940ec79"
+    assert published_md5("cifar10", "cifar-10-python.tar.gz") == "c58f30108f718f92721af3b95e74349a"
+    assert published_md5("mnist", "train-images-idx3-ubyte.gz") == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert published_md5("mnist", "t10k-images-idx3-ubyte.gz") == "9fb629c4189551a2d022fa330f9573f3"
+    assert published_md5("fashion-mnist", "train-images-idx3-ubyte.gz") == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+    assert published_md5("fashion-mnist", "t10k-images-idx3-ubyte.gz") == "bef4ecab320f06d8554ea6380940ec79"

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowpp.data import VALID_SIZES, DatasetError, ImageSet, load_dataset
+from flowpp.data import DatasetError, ImageSet, load_dataset
 from flowpp.data.cifar_pickle import cifar_batch_images
 from flowpp.score import read_images
 
@@ -76,7 +77,7 @@ def blobs(fmt):
 @FUZZ
 @given(mut=mutation(), plain=st.booleans(), split=st.sampled_from(["train", "test"]))
 def test_fuzz_cifar_tarball(blobs, monkeypatch, mut, plain, split):
-    monkeypatch.setitem(VALID_SIZES, "cifar10", 2)
+    replace_holdout(monkeypatch, "cifar10", valid=2)
     data = apply(blobs["cifar_plain" if plain else "cifar"], mut)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "cifar10"

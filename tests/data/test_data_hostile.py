@@ -7,16 +7,17 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 
-from flowpp.data import VALID_SIZES, DatasetError, load_dataset
+from flowpp.data import DatasetError, load_dataset
 from flowpp.data.cifar_pickle import cifar_batch_images, restricted_loads
 from flowpp.data.tar_files import SafeTar, read_tar_stream
 
 
 @pytest.fixture(autouse=True)
 def _small(monkeypatch):
-    monkeypatch.setitem(VALID_SIZES, "cifar10", 2)
-    monkeypatch.setitem(VALID_SIZES, "imagenet32", 1)
+    replace_holdout(monkeypatch, "cifar10", valid=2)
+    replace_holdout(monkeypatch, "imagenet32", valid=1)
 
 
 def _cifar(data_dir, blob, split="train"):

@@ -2,14 +2,15 @@
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 
-from flowpp.data import VALID_SIZES, DatasetError, load_dataset
+from flowpp.data import DatasetError, load_dataset
 
 
 @pytest.fixture(autouse=True)
 def _small_holdout(monkeypatch):
-    monkeypatch.setitem(VALID_SIZES, "imagenet32", 3)
-    monkeypatch.setitem(VALID_SIZES, "imagenet64", 3)
+    replace_holdout(monkeypatch, "imagenet32", valid=3)
+    replace_holdout(monkeypatch, "imagenet64", valid=3)
 
 
 def _load(name, split, data_dir, log=None):

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 
 from flowpp.data import ALL_SPLITS, DatasetError, ImageSet, load_dataset, match_levels
-from flowpp.data import registry as datasets_module
 
 
 def _load(path, split, **kw):
@@ -66,8 +66,8 @@ def test_match_levels_reduces_8_bit_data_like_the_release():
 
 @pytest.fixture
 def small_celeba(monkeypatch):
-    monkeypatch.setattr(datasets_module, "CELEBA_TEST", 3)
-    monkeypatch.setattr(datasets_module, "CELEBA_VALID", 2)
+    for name in ("celeba64-5bit", "celeba64-3bit", "celeba128-5bit"):
+        replace_holdout(monkeypatch, name, test=3, valid=2)
 
 
 def test_celeba_reads_the_release_file_and_holds_out_valid_and_test(data_dir, small_celeba):

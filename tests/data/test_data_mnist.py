@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 
-from flowpp.data import VALID_SIZES, DatasetError, load_dataset
+from flowpp.data import DATASETS, DatasetError, load_dataset
 from flowpp.data.idx_files import parse_idx_images
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -24,7 +25,7 @@ def _write(root, fmt, n_train=7, n_test=3):
 
 @pytest.mark.parametrize("name, title", [("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")])
 def test_splits(data_dir, fmt, monkeypatch, name, title):
-    monkeypatch.setitem(VALID_SIZES, name, 2)
+    replace_holdout(monkeypatch, name, valid=2)
     train, test = _write(data_dir / name, fmt)
     tr = load_dataset(name, "train", data_dir=data_dir, download=False, log=None)
     va = load_dataset(name, "valid", data_dir=data_dir, download=False, log=None)
@@ -38,7 +39,7 @@ def test_splits(data_dir, fmt, monkeypatch, name, title):
 
 
 def test_aliases(data_dir, fmt, monkeypatch):
-    monkeypatch.setitem(VALID_SIZES, "fashion-mnist", 2)
+    replace_holdout(monkeypatch, "fashion-mnist", valid=2)
     _write(data_dir / "fashion-mnist", fmt)
     assert load_dataset("Fashion_MNIST", "test", data_dir=data_dir, download=False, log=None).name == "fashion-mnist"
 
@@ -53,7 +54,7 @@ def test_uncompressed_file_accepted(data_dir, fmt):
 
 
 def test_real_split_sizes():
-    assert VALID_SIZES["mnist"] == VALID_SIZES["fashion-mnist"] == 5000
+    assert DATASETS["mnist"].holdout.valid == DATASETS["fashion-mnist"].holdout.valid == 5000
 
 
 @pytest.mark.parametrize(

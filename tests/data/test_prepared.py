@@ -7,16 +7,17 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import replace_holdout
 
 import flowpp
-from flowpp.data import VALID_SIZES, DatasetError, load_dataset
+from flowpp.data import DatasetError, load_dataset
 from flowpp.data.prepared import load_prepared, prepare, prepared_path, verify_prepared
 from flowpp.jobs import load_images
 
 
 @pytest.fixture(autouse=True)
 def _small_holdout(monkeypatch):
-    monkeypatch.setitem(VALID_SIZES, "imagenet32", 3)
+    replace_holdout(monkeypatch, "imagenet32", valid=3)
 
 
 @pytest.fixture
@@ -145,7 +146,8 @@ def test_an_unwritable_data_dir_falls_back_to_reading_directly(imagenet, monkeyp
 @pytest.mark.processes
 def test_processes_started_together_prepare_once(imagenet):
     code = (
-        "import sys; from flowpp.data import VALID_SIZES; VALID_SIZES['imagenet32'] = 3; "
+        "import dataclasses, sys; from flowpp.data import registry; s = registry.DATASETS['imagenet32']; "
+        "registry._ENTRIES['imagenet32'] = dataclasses.replace(s, holdout=dataclasses.replace(s.holdout, valid=3)); "
         "from flowpp.data.prepared import prepare; prepare('imagenet32', sys.argv[1], log=print)"
     )
     procs = [

@@ -15,7 +15,7 @@ knows nothing about models: it returns ``uint8`` NHWC numpy arrays with values i
 
 from .datasets import ImageSet, default_data_dir, load_dataset, match_levels
 from .errors import DatasetError
-from .registry import DATASET_NAMES, DATASETS, MD5, URLS, VALID_SIZES, DatasetSpec, find_dataset
+from .registry import DATASET_NAMES, DATASETS, DatasetSpec, find_dataset
 from .splits import ALL_SPLITS, SPLITS
 
 __all__ = [
@@ -27,9 +27,6 @@ __all__ = [
     "DatasetSpec",
     "find_dataset",
     "SPLITS",
-    "URLS",
-    "MD5",
-    "VALID_SIZES",
     "default_data_dir",
     "match_levels",
     "ALL_SPLITS",

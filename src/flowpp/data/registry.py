@@ -11,18 +11,13 @@ Named datasets live in ``<data_dir>/<folder>/`` (the folder defaults to the name
 download mirrors are fetched when absent (verified by MD5); nothing touches the network when
 the files are present.  The others are placed by hand, or need no files.
 
-:data:`VALID_SIZES`, :data:`URLS` and :data:`MD5`, the tables these facts were kept in before,
-remain as dict-like views of the entries: setting an item replaces the entry (tests point
-downloads at a local server and shrink the hold-outs this way).  So do this module's attributes
-``CELEBA_TEST`` and ``CELEBA_VALID``, the hold-out of the Flow++ release's CelebA files.
+Entries are frozen: a variant is ``dataclasses.replace(entry, ...)`` (tests point downloads at a
+local server and shrink the hold-outs this way).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import types
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Optional
@@ -46,9 +41,6 @@ __all__ = [
     "find_dataset",
     "shares_folder",
     "help_text",
-    "VALID_SIZES",
-    "URLS",
-    "MD5",
 ]
 
 
@@ -235,139 +227,3 @@ def shares_folder(spec: DatasetSpec) -> bool:
 def help_text() -> str:
     """The named datasets, each with its summary, for help texts."""
     return ", ".join(f"{s.name} ({s.summary})" for s in _ENTRIES.values())
-
-
-# ---------------------------------------------------------------------------
-# the tables that predate the entries, as views of them
-# ---------------------------------------------------------------------------
-
-
-class _View(MutableMapping):
-    """One fact of the entries by dataset name: reading asks the entries, setting an item replaces
-    the entry.  ``has`` says which entries have the fact at all."""
-
-    def __init__(self, has: Callable, get: Callable, put: Callable, drop: Optional[Callable] = None):
-        self._has, self._get, self._put, self._drop = has, get, put, drop
-
-    def __getitem__(self, name):
-        spec = _ENTRIES.get(name)
-        if spec is None or not self._has(spec):
-            raise KeyError(name)
-        return self._get(spec)
-
-    def __setitem__(self, name, value) -> None:
-        _ENTRIES[name] = self._put(_ENTRIES[name], value)
-
-    def __delitem__(self, name) -> None:
-        if self._drop is None or name not in self:
-            raise KeyError(name)
-        _ENTRIES[name] = self._drop(_ENTRIES[name])
-
-    def __iter__(self):
-        return iter([n for n, s in _ENTRIES.items() if self._has(s)])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
-def _with_md5(spec: DatasetSpec, path: str, md5: Optional[str]) -> DatasetSpec:
-    files = tuple(dataclasses.replace(f, md5=md5) if f.path == path else f for f in spec.files)
-    return dataclasses.replace(spec, files=files)
-
-
-class _Checksums(MutableMapping):
-    """The published MD5 of each downloadable file of one entry, by file name."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def _files(self) -> dict:
-        return {f.path: f.md5 for f in _ENTRIES[self._name].files if f.md5}
-
-    def __getitem__(self, path):
-        return self._files()[path]
-
-    def __setitem__(self, path, md5) -> None:
-        if path not in self._files():
-            raise KeyError(path)
-        _ENTRIES[self._name] = _with_md5(_ENTRIES[self._name], path, md5)
-
-    def __delitem__(self, path) -> None:
-        self[path] = None
-
-    def __iter__(self):
-        return iter(self._files())
-
-    def __len__(self) -> int:
-        return len(self._files())
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
-def _set_checksums(spec: DatasetSpec, md5s) -> DatasetSpec:
-    for path, md5 in dict(md5s).items():
-        spec = _with_md5(spec, path, md5)
-    return spec
-
-
-#: How many images at the end of the training file form the valid split (datasets with an
-#: official test file).
-VALID_SIZES = _View(
-    has=lambda s: isinstance(s.holdout.valid, int) and not s.holdout.test,
-    get=lambda s: s.holdout.valid,
-    put=lambda s, v: dataclasses.replace(s, holdout=dataclasses.replace(s.holdout, valid=v)),
-)
-
-#: Base URLs (mirrors, tried in order) of the downloadable datasets; a file's URL is base + file name.
-URLS = _View(
-    has=lambda s: bool(s.mirrors),
-    get=lambda s: list(s.mirrors),
-    put=lambda s, v: dataclasses.replace(s, mirrors=tuple(v)),
-    drop=lambda s: dataclasses.replace(s, mirrors=()),
-)
-
-#: Published MD5 checksums of the downloadable files (as listed by the dataset authors and in
-#: torchvision), by dataset and file name.
-MD5 = _View(
-    has=lambda s: any(f.md5 for f in s.files),
-    get=lambda s: _Checksums(s.name),
-    put=_set_checksums,
-)
-
-
-def _release_files() -> list:
-    return [n for n, s in _ENTRIES.items() if s.loader is load_release_file]
-
-
-def _set_release_holdout(**sizes) -> None:
-    for name in _release_files():
-        spec = _ENTRIES[name]
-        _ENTRIES[name] = dataclasses.replace(spec, holdout=dataclasses.replace(spec.holdout, **sizes))
-
-
-class _Module(types.ModuleType):
-    """This module, with the hold-out of the release's CelebA files as attributes that read and
-    set those entries (as when they were constants of their own)."""
-
-    @property
-    def CELEBA_TEST(self) -> int:
-        return _ENTRIES[_release_files()[0]].holdout.test
-
-    @CELEBA_TEST.setter
-    def CELEBA_TEST(self, value: int) -> None:
-        _set_release_holdout(test=value)
-
-    @property
-    def CELEBA_VALID(self) -> int:
-        return _ENTRIES[_release_files()[0]].holdout.valid
-
-    @CELEBA_VALID.setter
-    def CELEBA_VALID(self, value: int) -> None:
-        _set_release_holdout(valid=value)
-
-
-sys.modules[__name__].__class__ = _Module
