@@ -32,11 +32,19 @@ PARAMETER_COUNTS = {
 N_BIT_LEVELS = {"imagenet64-5bit": 32, "celeba64-5bit": 32, "celeba64-3bit": 8, "celeba128-5bit": 32}
 
 
-@pytest.fixture(scope="module")
+class _MetaModels(dict):
+    """Named configs built on the meta device (no memory, no init), each when first asked for:
+    the tests of this module may be spread over processes, each needing only some."""
+
+    def __missing__(self, name):
+        with torch.device("meta"):
+            model = self[name] = flowpp.FlowPlusPlus(flowpp.get_config(name))
+        return model
+
+
+@pytest.fixture(scope="session")
 def meta_models():
-    """Every named config built once on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        return {name: flowpp.FlowPlusPlus(flowpp.get_config(name)) for name in flowpp.list_configs()}
+    return _MetaModels()
 
 
 def test_known_configs_are_listed():

@@ -129,12 +129,14 @@ def test_flowpp_starts_its_own_processes_and_an_uneven_batch_matches_one_process
     assert summary["world_size"] == 3 and summary["images_seen"] == 28 and summary["threads"] == 1
 
 
-def test_a_batch_smaller_than_the_processes_fails_cleanly(tmp_path, tiny_npz):
-    proc = launch(1, *COMMON, "--data", tiny_npz, "--out", tmp_path / "bad", "--max-steps", 2, "--batch-size", 2,
-                  "--procs", 3, timeout=120)  # fmt: skip
+def test_a_batch_smaller_than_the_processes_fails_cleanly(tmp_path, tiny_npz, capsys):
+    # refused before any process is started, so this one can ask
+    proc = here(*COMMON, "--data", tiny_npz, "--out", tmp_path / "bad", "--max-steps", 2, "--batch-size", 2,
+                "--procs", 3)  # fmt: skip
+    err = capsys.readouterr().err
     assert proc.returncode == 2
-    assert "must be at least the number of processes (3)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "must be at least the number of processes (3)" in err
+    assert "Traceback" not in err and not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def test_evaluation_on_two_processes_matches_one(runs, tiny_npz, tmp_path):

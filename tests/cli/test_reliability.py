@@ -4,13 +4,12 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from helpers import FlowppProcess
 
 import flowpp
 from flowpp.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
@@ -37,9 +36,9 @@ ARGS = [
 STEPS = 14
 
 
-def _cmd(out, data, resume):
-    cmd = [sys.executable, "-m", "flowpp", "train", *ARGS, "--out", str(out), "--max-steps", str(STEPS)]
-    return cmd + (["--resume"] if resume else ["--data", str(data)])
+def _argv(out, data, resume):
+    argv = ["train", *ARGS, "--out", str(out), "--max-steps", str(STEPS)]
+    return argv + (["--resume"] if resume else ["--data", str(data)])
 
 
 def _final_state(out):
@@ -53,7 +52,7 @@ def uninterrupted(tmp_path_factory, tiny_npz):
     out = tmp_path_factory.mktemp("ref") / "run"
     before = torch.get_num_threads()
     try:  # in this process: its death is not what this run is about
-        assert main(_cmd(out, tiny_npz, False)[3:]) == 0
+        assert main(_argv(out, tiny_npz, False)) == 0
     finally:
         torch.set_num_threads(before)
     return _final_state(out)
@@ -68,29 +67,25 @@ def _metric_rows(out):
 def test_sigkill_at_random_points_then_resume_is_bit_exact(trial, tmp_path, tiny_npz, uninterrupted):
     rng = random.Random(1000 + trial)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     kills, kills_while_training = 0, 0
     for attempt in range(12):
         resume = bool(list_checkpoints(out / "checkpoints"))
-        proc = subprocess.Popen(
-            _cmd(out, tiny_npz, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        proc = FlowppProcess(_argv(out, tiny_npz, resume), tmp_path / f"attempt-{attempt}.log")
         if attempt < 2:  # once training has written a new row, at a random moment of the steps or saves
             rows, deadline = len(_metric_rows(out)), time.time() + 120
             while time.time() < deadline and proc.poll() is None and len(_metric_rows(out)) <= rows:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.4))
-        elif attempt == 2:  # then at a random moment from the start (importing, loading, or the first steps)
-            time.sleep(rng.uniform(0.2, 2.5))
+        elif attempt == 2:  # then at a random moment from the start (loading, or the first steps)
+            time.sleep(rng.uniform(0.0, 0.8))
         if attempt < 3 and proc.poll() is None:
             training = len(_metric_rows(out)) >= 1 and not (out / "summary.json").exists()
             proc.send_signal(signal.SIGKILL)
             kills += 1
             kills_while_training += training
-        _, err = proc.communicate(timeout=300)
-        if proc.returncode == 0:
+        if proc.wait() == 0:
             break
-        assert proc.returncode == -signal.SIGKILL, err[-3000:]
+        assert proc.returncode == -signal.SIGKILL, proc.output()[-3000:]
     else:
         pytest.fail("the run never completed")
     assert kills_while_training >= 1, "no SIGKILL landed during training: the test proved nothing"
@@ -391,32 +386,14 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path, tiny_npz, capsys):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_npz):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "flowpp",
-        "train",
-        *ARGS[:-6],
-        "--device",
-        "cpu",
-        "--data",
-        str(tiny_npz),
-        "--out",
-        str(out),
-        "--max-steps",
-        "100000",
-        "--eval-images",
-        "8",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = ["train", *ARGS, "--data", tiny_npz, "--out", out, "--max-steps", "100000"]
+    proc = FlowppProcess(argv, tmp_path / "train.log")
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.csv").exists():
         time.sleep(0.2)
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.wait() == 0, proc.output()[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "signal"
     ck = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
@@ -465,10 +442,8 @@ def test_bad_values_and_incomplete_checkpoints_are_one_line_errors(tmp_path, tin
 
 def test_a_second_training_beside_a_live_one_is_refused(tmp_path, tiny_npz, capsys):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "flowpp", "train", *ARGS, "--data", str(tiny_npz), "--out", str(out),
-           "--max-steps", "100000"]  # fmt: skip
-    live = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = ["train", *ARGS, "--data", tiny_npz, "--out", out, "--max-steps", "100000"]
+    live = FlowppProcess(argv, tmp_path / "live.log")
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list_checkpoints(out / "checkpoints"):
@@ -479,25 +454,24 @@ def test_a_second_training_beside_a_live_one_is_refused(tmp_path, tiny_npz, caps
         assert live.poll() is None  # the live run goes on
     finally:
         live.send_signal(signal.SIGTERM)
-        live.communicate(timeout=120)
-    assert live.returncode == 0
+        live.wait()
+    assert live.returncode == 0, live.output()[-2000:]
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == "signal"
 
 
 def test_a_killed_evaluation_continues_where_it_stopped(tmp_path, tiny_npz):
     out = tmp_path / "run"
     assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "2"]) == 0
-    base = [sys.executable, "-m", "flowpp", "eval", "--run", str(out), "--data", str(tiny_npz), "--samples", "256",
-            "--chunk", "2", "--batch-size", "128", "--device", "cpu"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = ["eval", "--run", out, "--data", tiny_npz, "--samples", "256", "--chunk", "2", "--batch-size", "128",
+            "--device", "cpu"]  # fmt: skip
     before = torch.get_num_threads()
     try:  # the uninterrupted evaluation, in this process, on one thread as the killed one
-        assert main([*base[3:], "--threads", "1", "--out", str(tmp_path / "whole.json")]) == 0
+        assert main([*map(str, base), "--threads", "1", "--out", str(tmp_path / "whole.json")]) == 0
     finally:
         torch.set_num_threads(before)
     target = tmp_path / "resumed.json"
     parts = tmp_path / "resumed.json.parts"
-    proc = subprocess.Popen([*base, "--out", str(target)], env=env, stderr=subprocess.DEVNULL)
+    proc = FlowppProcess([*base, "--out", target], tmp_path / "killed.log")
     deadline = time.monotonic() + 120
     while len(list(parts.glob("chunk-*.npy"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -505,9 +479,9 @@ def test_a_killed_evaluation_continues_where_it_stopped(tmp_path, tiny_npz):
     proc.wait()
     saved = len(list(parts.glob("chunk-*.npy")))
     assert not target.exists() and 3 <= saved < 12, saved  # killed half-way: 24 images, 12 chunks
-    again = subprocess.run([*base, "--out", str(target)], env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"{2 * saved} images were already done" in again.stderr
+    again = FlowppProcess([*base, "--out", target], tmp_path / "again.log")
+    assert again.wait() == 0, again.output()[-2000:]
+    assert f"{2 * saved} images were already done" in again.output()
     whole, resumed = json.loads((tmp_path / "whole.json").read_text()), json.loads(target.read_text())
     for key in ("bpd", "iw_bpd", "bpd_se", "iw_bpd_se", "n_images"):
         assert resumed[key] == whole[key], key
