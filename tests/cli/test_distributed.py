@@ -97,10 +97,10 @@ def test_resume_across_world_sizes(runs, tmp_path, tiny_npz):
     a = tmp_path / "a"
     subprocess.run(["cp", "-r", str(two), str(a)], check=True)
     assert_ok(here(*COMMON, "--out", a, "--resume", "--max-steps", 8))
-    # 1 process -> 2 processes
+    # 1 process -> 2 processes (started by flowpp; the 2 processes of `runs` came from torchrun)
     b = tmp_path / "b"
     subprocess.run(["cp", "-r", str(one), str(b)], check=True)
-    assert_ok(launch(2, *COMMON, "--out", b, "--resume", "--max-steps", 8))
+    assert_ok(here(*COMMON, "--out", b, "--resume", "--max-steps", 8, "--procs", 2))
     for run_dir in (a, b):
         got, _ = losses(run_dir)
         assert sorted(got) == list(range(1, 9))
@@ -109,7 +109,7 @@ def test_resume_across_world_sizes(runs, tmp_path, tiny_npz):
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
 
 
-def test_flowpp_starts_its_own_processes_and_an_uneven_batch_matches_one_process(tmp_path, tiny_npz):
+def test_flowpp_starts_its_own_processes_and_an_uneven_batch_matches_one_process(tmp_path, tiny_npz, capsys):
     # --procs 3 without torchrun; a global batch of 7 splits 2 + 2 + 3, and each process's loss is
     # weighted by its share, so the steps are those of one process. Timed evaluations and checkpoints
     # follow rank 0's clock on every process (or the processes would stop agreeing on what comes next).
@@ -117,9 +117,11 @@ def test_flowpp_starts_its_own_processes_and_an_uneven_batch_matches_one_process
     timed = ["--eval-minutes", "0.001", "--checkpoint-minutes", "0.001"]
     one, three = tmp_path / "one", tmp_path / "three"
     assert_ok(here(*common, "--out", one, "--procs", 1, *timed))
-    proc = launch(1, *common, "--out", three, "--procs", 3, *timed, timeout=180)
-    assert_ok(proc)
-    assert "training on 3 processes x 1 thread(s)" in proc.stdout
+    capsys.readouterr()
+    assert_ok(here(*common, "--out", three, "--procs", 3, *timed))  # rank 0 here, ranks 1 and 2 started by flowpp
+    assert "training on 3 processes x 1 thread(s)" in capsys.readouterr().out
+    assert not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))  # this process is itself again
+    assert not torch.distributed.is_initialized()
     (t1, v1), (t3, v3) = losses(one), losses(three)
     assert sorted(t1) == sorted(t3) == [1, 2, 3, 4]
     for step in t1:

@@ -391,7 +391,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_npz):
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.csv").exists():
         time.sleep(0.2)
-    time.sleep(2.0)
+    while time.time() < deadline and len(_metric_rows(out)) < 3:  # a few steps in
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 0, proc.output()[-2000:]
     summary = json.loads((out / "summary.json").read_text())
