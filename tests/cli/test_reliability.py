@@ -34,6 +34,9 @@ ARGS = [
     "1",
 ]
 STEPS = 14
+# The guard's policies (tested with injected losses) do not depend on the model: `tiny` with one
+# coupling per stage, half the cost of a step.
+SMALL = flowpp.get_config("tiny").replace(layout=("stripe x1", "squeeze", "channel x1"), dequant_layout=("stripe x1",))
 
 
 def _argv(out, data, resume):
@@ -123,9 +126,7 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, tiny_npz):
     def inject(step, loss):
         return loss * float("nan") if step in bad_steps else loss
 
-    summary = train(
-        flowpp.get_config("tiny"), _settings(tmp_path / "run"), *_data(tiny_npz), step_hook=inject, log=lambda *_: None
-    )
+    summary = train(SMALL, _settings(tmp_path / "run"), *_data(tiny_npz), step_hook=inject, log=lambda *_: None)
     assert summary["steps"] == 12
     assert summary["skipped_steps"] == 4 and summary["rollbacks"] == 1
     assert np.isfinite(summary["final_valid_bpd"])
@@ -137,7 +138,7 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, tiny_npz):
             assert all(torch.isfinite(t).all() for t in ck[key].values() if t.is_floating_point())
     # Re-warm: the rollback happens after the third bad step in a row (the 8th step); the step after
     # it (the 9th) starts the learning rate again from near zero.
-    cfg = flowpp.get_config("tiny")
+    cfg = SMALL
     lr_after = [float(r.split(",")[4]) for r in rows[1:] if r.split(",")[0] == "9"]
     assert lr_after and lr_after[0] <= cfg.lr / cfg.warmup_steps + 1e-12
 
@@ -216,7 +217,7 @@ def test_a_loss_spike_is_skipped_and_a_persistent_one_rolled_back(tmp_path, tiny
 
     msgs = []
     summary = train(
-        flowpp.get_config("tiny"),
+        SMALL,
         _settings(tmp_path / "run", max_steps=96, checkpoint_every=4),
         *_data(tiny_npz),
         step_hook=inject,
@@ -242,7 +243,7 @@ def test_a_run_unhealthy_before_its_first_checkpoint_stops_and_says_so(tmp_path,
     msgs = []
     with pytest.raises(TrainingDiverged, match="before its first checkpoint.*Start again with a lower --lr"):
         train(
-            flowpp.get_config("tiny").replace(warmup_steps=100),  # still warming up at step 20
+            SMALL.replace(warmup_steps=100),  # still warming up at step 20
             _settings(tmp_path / "run", max_steps=200, checkpoint_every=100),
             *_data(tiny_npz),
             step_hook=lambda step, loss: loss * 3 if step >= 20 else loss,
@@ -257,7 +258,7 @@ def test_the_first_checkpoint_comes_at_the_end_of_the_warm_up_so_a_blow_up_at_th
     # tiny warms up over 10 steps; the timed checkpoints would come only at step 100.
     msgs = []
     summary = train(
-        flowpp.get_config("tiny"),
+        SMALL,
         _settings(tmp_path / "run", max_steps=40, checkpoint_every=100),
         *_data(tiny_npz),
         step_hook=lambda step, loss: loss * 3 if 20 <= step < 25 else loss,
@@ -280,7 +281,7 @@ def test_after_a_rollback_the_guard_judges_against_the_losses_of_the_checkpoint_
 
     msgs = []
     summary = train(
-        flowpp.get_config("tiny"),
+        SMALL,
         _settings(tmp_path / "run", max_steps=70, checkpoint_every=100),
         *_data(tiny_npz),
         step_hook=hook,
@@ -293,7 +294,7 @@ def test_after_a_rollback_the_guard_judges_against_the_losses_of_the_checkpoint_
 
 def test_the_spike_guard_can_be_turned_off(tmp_path, tiny_npz):
     summary = train(
-        flowpp.get_config("tiny"),
+        SMALL,
         _settings(tmp_path / "run", max_steps=24, spike_ratio=None),
         *_data(tiny_npz),
         step_hook=lambda step, loss: loss * 3 if step == 20 else loss,
