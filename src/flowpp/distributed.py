@@ -4,6 +4,7 @@ group (a no-op in single-process runs)."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import statistics
@@ -282,6 +283,10 @@ def setup_distributed(device_kind: str) -> DistInfo:
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        # A DDP model in a reference cycle keeps the gloo group (and its C++ threads) alive until
+        # the interpreter is torn down, where destroying them can abort the process (SIGABRT,
+        # "terminate called without an active exception"): free them while Python is whole.
+        gc.collect()
         dist.destroy_process_group()
 
 
