@@ -353,6 +353,12 @@ class CheckpointKeeper:
         return found[0], saved["step"], list(saved.get("recent_losses", []))
 
 
+def _is_final_row(row: dict) -> bool:
+    """The row of a run's final evaluation: a validation result and the run's totals, but no
+    learning rate (a periodic evaluation's row has one)."""
+    return bool(row.get("valid_bpd")) and not row.get("lr") and not row.get("train_bpd")
+
+
 class MetricsWriter:
     """metrics.csv (rank 0; rows after a resumed checkpoint are dropped) and TensorBoard when installed."""
 
@@ -377,10 +383,15 @@ class MetricsWriter:
             rows = list(csv.DictReader(f))
         # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
         # (A file written before a column was added keeps its rows; the new column is empty there.)
+        # The final row of a run that had ended at the checkpoint's step (a kill came after it) is
+        # written again when the resumed run ends: keep one, as an uninterrupted run has.
         kept = [
             r
             for r in rows
-            if None not in r.values() and None not in r and (r.get("step") or "").isdigit() and int(r["step"]) <= step
+            if None not in r.values()
+            and None not in r
+            and (r.get("step") or "").isdigit()
+            and (int(r["step"]) < step or (int(r["step"]) == step and not _is_final_row(r)))
         ]
         lines = [",".join(METRIC_FIELDS)] + [",".join(r.get(k, "") or "" for k in METRIC_FIELDS) for r in kept]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
