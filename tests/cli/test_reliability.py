@@ -489,3 +489,18 @@ def test_a_killed_evaluation_continues_where_it_stopped(tmp_path, tiny_npz):
         assert resumed[key] == whole[key], key
     assert not parts.exists()  # finished: the parts are gone, the per-image table stays
     assert np.array_equal(np.load(tmp_path / "resumed.per_image.npy"), np.load(tmp_path / "whole.per_image.npy"))
+
+
+def test_a_resume_after_a_kill_at_the_end_writes_the_final_row_once(tmp_path, tiny_npz):
+    # The kill came after the final checkpoint and the final row, before the process ended:
+    # resuming finishes the run again and must not add a second final row.
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "3"]) == 0
+    first = _metric_rows(out)
+    (out / "summary.json").unlink()
+    assert main(["train", *ARGS, "--resume", "--out", str(out), "--max-steps", "3"]) == 0
+    again = _metric_rows(out)
+    final_rows = [r for r in again if r.split(",")[0] == "3" and r.split(",")[2] == "" and r.split(",")[4] == ""]
+    assert len(final_rows) == 1, again
+    assert len(again) == len(first)
+    assert [r.split(",")[:4] for r in again] == [r.split(",")[:4] for r in first]
