@@ -40,15 +40,33 @@ def _parse_override(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"--set: {e}") from None
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+# Counts a user types are bounded where the libraries underneath take 64-bit (or smaller) integers:
+# 10^20 must be one line, not an OverflowError from PyTorch.
+LARGEST_COUNT = 10**15
+MOST_THREADS = 4096
+LARGEST_SEED = 2**32 - 1
+
+
+def _whole_number(text: str, low: int, high: int) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not low <= v <= high:
+        raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high:,}, got {text}")
     return v
 
 
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1, LARGEST_COUNT)
+
+
 def _threads(text: str) -> int | str:
-    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+    return "auto" if text.strip().lower() == "auto" else _whole_number(text, 1, MOST_THREADS)
+
+
+def _seed(text: str) -> int:
+    return _whole_number(text, 0, LARGEST_SEED)
 
 
 def _minutes(text: str, allow_zero: bool = False) -> float:
@@ -100,7 +118,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         "machine's load, as 'auto' does; the other commands take PyTorch's choice)",
     )
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0, help="random seed (noise, data order, dropout, samples)")
+    seed.add_argument("--seed", type=_seed, default=0, help="random seed (noise, data order, dropout, samples)")
     compiled = argparse.ArgumentParser(add_help=False)
     compiled.add_argument(
         "--compile",
@@ -278,6 +296,12 @@ def _add_eval(sub, parents) -> None:
         action="store_true",
         help="discard the per-image results a previous, interrupted run of this evaluation saved "
         "(by default it continues from them)",
+    )
+    e.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress reports (by default a bar on a terminal, else a line every tenth of the images)",
     )
 
 

@@ -153,8 +153,9 @@ class RunDir:
     def read_config(self) -> FlowConfig:
         if not self.config_file.is_file():
             raise RunError(f"{self.path} is not a flowpp run directory (no config.json)")
+        saved = _read_json_object(self.config_file, "a flowpp config")
         try:
-            return FlowConfig.from_dict(json.loads(self.config_file.read_text()))
+            return FlowConfig.from_dict(saved)
         except (ValueError, TypeError) as e:
             raise RunError(f"{self.config_file} is not a valid flowpp config: {e}") from e
 
@@ -165,10 +166,7 @@ class RunDir:
         """The saved settings, or {} for a run that has none yet."""
         if not self.settings_file.is_file():
             return {}
-        try:
-            return json.loads(self.settings_file.read_text())
-        except ValueError as e:
-            raise RunError(f"{self.settings_file} is not valid JSON: {e}") from e
+        return _read_json_object(self.settings_file, "the run's settings")
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_file, json_text(summary))
@@ -297,12 +295,17 @@ class CheckpointKeeper:
         return self.run.save_best(ck)
 
     def _load(
-        self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, step: int | None = None
+        self,
+        model: nn.Module,
+        ema: nn.Module,
+        opt: torch.optim.Optimizer,
+        step: int | None = None,
+        found: tuple[Path, dict] | None = None,
     ) -> tuple[Path, dict] | None:
-        """Load the checkpoint of ``step`` (when it is still readable) or else the newest one."""
+        """Load ``found`` (a checkpoint already read), the checkpoint of ``step`` (when it is still
+        readable) or else the newest one."""
         # Every rank reads the same file (the run directory is shared), so optimizer states agree.
-        found = None
-        if step is not None:
+        if found is None and step is not None:
             try:
                 found = self.run.checkpoint_file(step), load_checkpoint(self.run.checkpoint_file(step))
             except CheckpointError as e:
@@ -338,7 +341,7 @@ class CheckpointKeeper:
         ]
         if recipe:
             self.log(f"resuming with a changed training recipe: {'; '.join(recipe)}")
-        path, ck = self._load(model, ema, opt)
+        path, ck = self._load(model, ema, opt, found=found)  # not looked up again: skips are said once
         return path, ck["train_state"], saved
 
     def rollback(
@@ -351,6 +354,20 @@ class CheckpointKeeper:
             return None
         saved = found[1]["train_state"]
         return found[0], saved["step"], list(saved.get("recent_losses", []))
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """A run file that must hold one JSON object; anything else (bytes that are not JSON, another
+    type, nesting deep enough to exhaust the parser) is a damaged run file, said in one line."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RunError(f"{path} is damaged: it is not the JSON of {what} ({type(e).__name__})") from None
+    except OSError as e:
+        raise RunError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise RunError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not {what}")
+    return value
 
 
 def _is_final_row(row: dict) -> bool:
@@ -379,8 +396,13 @@ class MetricsWriter:
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows written after the checkpoint (they will be recomputed)."""
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise RunError(
+                f"{self.path} is damaged ({type(e).__name__}): move it aside to resume with a new learning curve"
+            ) from None
         # A row cut short by a crash has missing fields: drop it with the rows after the checkpoint.
         # (A file written before a column was added keeps its rows; the new column is empty there.)
         # The final row of a run that had ended at the checkpoint's step (a kill came after it) is

@@ -504,3 +504,36 @@ def test_a_resume_after_a_kill_at_the_end_writes_the_final_row_once(tmp_path, ti
     assert len(final_rows) == 1, again
     assert len(again) == len(first)
     assert [r.split(",")[:4] for r in again] == [r.split(",")[:4] for r in first]
+
+
+@pytest.mark.parametrize("option", ["--seed", "--threads"])
+def test_numbers_too_large_for_the_libraries_are_one_line_errors(option, tmp_path, tiny_npz, capsys):
+    argv = ["train", *ARGS, "--data", str(tiny_npz), "--out", str(tmp_path / "r"), "--max-steps", "1"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, option, "99999999999999999999999"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and option in err and "expected a whole number from" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "name, damage, said",
+    [
+        ("settings.json", b"[1, 2]", "holds a JSON list"),
+        ("config.json", b"[" * 100_000 + b"]" * 100_000, "not the JSON of a flowpp config"),
+        ("settings.json", bytes(range(256)) * 8, "not the JSON of the run's settings"),
+        ("metrics.csv", bytes(range(128, 256)) * 20, "metrics.csv is damaged"),
+    ],
+    ids=["settings-a-list", "config-nested", "settings-bytes", "metrics-bytes"],
+)
+def test_a_damaged_run_file_on_resume_is_one_line_and_touches_nothing(name, damage, said, tmp_path, tiny_npz, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "2"]) == 0
+    (out / name).write_bytes(damage)
+    checkpoints = {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")}
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and said in err and name in err, err
+    assert {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")} == checkpoints
+    assert (out / name).read_bytes() == damage
