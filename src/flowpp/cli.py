@@ -144,7 +144,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         action="store_true",
         default=None,
         help="also prepare an .npz file or PNG folder: decoded once into memory-mapped arrays under "
-        "DATA_DIR/prepared (named datasets always are, on first use)",
+        "DATA_DIR/prepared (named datasets always are, on first use; a current preparation made before, "
+        "e.g. by flowpp prepare, is used without this)",
     )
     g.add_argument("--no-prepare", dest="prepared", action="store_false", help="read the data into memory, unprepared")
     return dict(runtime=runtime, seed=seed, compile=compiled, data=data, which=which)
@@ -320,7 +321,8 @@ def _add_prepare(sub, parents) -> None:
                     help="prepare the data reduced to N bits (as an n-bit config uses it)")  # fmt: skip
     pr.add_argument("--force", action="store_true", help="rebuild even when the preparation is current")
     pr.add_argument("--verify", action="store_true",
-                    help="check every byte against the manifest's digests; rebuild when they differ")  # fmt: skip
+                    help="check every byte of the preparation and of its sources against the manifest's "
+                         "digests; rebuild when they differ")  # fmt: skip
 
 
 def _add_sample(sub, parents) -> None:
