@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -156,6 +157,13 @@ def auto_processes(device: str, batch_size: int) -> int:
     return procs if procs >= 3 else 1
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -209,6 +217,9 @@ class LocalWorkers:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     pass
+        elif self.failure() is None:  # rank 0 failed first; or a child died and is not reaped yet
+            time.sleep(0.5)
+        failure = self.failure()  # before stopping the rest: a child killed from outside is a failure
         self._stop_children()
         for k, v in self.saved_env.items():
             if v is None:
@@ -216,7 +227,6 @@ class LocalWorkers:
             else:
                 os.environ[k] = v
         torch.set_num_threads(self.saved_threads)
-        failure = self.failure()
         if failure is not None and not isinstance(exc, FlowppError):
             raise FlowppError(failure) from exc
         return False
@@ -226,6 +236,8 @@ class LocalWorkers:
         for rank, proc, err in self.children:
             rc = proc.poll()
             if rc not in (None, 0) and not (self.killed and rc < 0):
+                if rc < 0:
+                    return f"training process {rank} of {self.n} was ended by {_signal_name(-rc)}"
                 err.seek(0)
                 lines = err.read().decode(errors="replace").strip().splitlines()
                 said = lines[-1] if lines else "no output"  # an error message, or a traceback's exception

@@ -154,3 +154,44 @@ def test_evaluation_on_two_processes_matches_one(runs, tiny_npz, tmp_path):
     for key in ("bpd", "iw_bpd", "bpd_se", "iw_bpd_se"):
         assert abs(one[key] - two[key]) < 1e-9, key
     np.testing.assert_allclose(per_one, per_two, rtol=0, atol=1e-9)
+
+
+def _process_of_rank(rank: int, out) -> int | None:
+    """The pid of the `flowpp train --out OUT` process of that rank (Linux: read from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc")
+def test_a_worker_killed_from_outside_ends_the_run_with_one_line_and_a_summary(tmp_path, tiny_npz):
+    import signal
+    import time
+
+    from helpers import FlowppProcess
+
+    out = tmp_path / "run"
+    argv = ["train", *COMMON, "--data", tiny_npz, "--out", out, "--max-steps", 100000, "--procs", 2]
+    parent = FlowppProcess(argv, tmp_path / "train.log")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and parent.poll() is None:
+        metrics = out / "metrics.csv"
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.05)
+    worker = _process_of_rank(1, out)
+    assert worker is not None, parent.output()[-2000:]
+    os.kill(worker, signal.SIGKILL)
+    assert parent.wait(timeout=120) == 2, parent.output()[-3000:]
+    said = parent.output()
+    assert "Traceback" not in said and said.strip().splitlines()[-1] == (
+        "flowpp: error: training process 1 of 2 was ended by SIGKILL"
+    ), said[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "failed" and summary["world_size"] == 2 and summary["steps"] >= 3

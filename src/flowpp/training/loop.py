@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as D
+from ..checkpoint import list_checkpoints
 from ..configs import FlowConfig
 from ..data.batches import Prefetch, epoch_permutation, local_batches
 from ..errors import UsageError
@@ -145,9 +146,23 @@ def train(
     settings.check_budget()
     run = RunDir(settings.out_dir)
     try:
-        return _train_loop(start_training(config, settings, run, train_x, resume=resume, log=log), valid_x, step_hook)
+        t = start_training(config, settings, run, train_x, resume=resume, log=log)
+        try:
+            return _train_loop(t, valid_x, step_hook)
+        except Exception as e:
+            if t.dist.enabled and not isinstance(e, TrainingDiverged):  # say how far the run got
+                _summarize_a_failed_run(t)
+            raise
     finally:
         run.unlock()
+
+
+def _summarize_a_failed_run(t: Trainer) -> None:
+    newest = list_checkpoints(t.run.checkpoints)
+    try:
+        finish_training(t, torch.empty(0), "failed", newest[-1] if newest else None, time.monotonic())
+    except Exception as e:  # the run's folder may be what failed; the first error is the one to report
+        t.say(f"could not write summary.json: {e}")
 
 
 def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], Tensor] | None) -> dict:
@@ -304,7 +319,7 @@ def _progress_bar(settings: TrainSettings, state: TrainState):
 def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Path | None, wall_start: float) -> dict:
     """The final evaluation (unless stopped by a signal or diverged), its metrics row, and summary.json."""
     state, final = t.state, {}
-    if stop_reason not in ("signal", "diverged"):
+    if stop_reason not in ("signal", "diverged", "failed"):
         final = _evaluate(t, valid_x)
         t.metrics.write(
             dict(step=state.step, images_seen=state.images_seen, skipped_steps=state.skipped_steps,
