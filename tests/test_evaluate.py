@@ -70,9 +70,9 @@ def test_arrays_and_memory_maps_give_the_numbers_of_tensors(tiny_model, tmp_path
         evaluate_bpd(tiny_model, nhwc[:, :4])
 
 
-def _parts(model, tmp_path, **changes):
+def _parts(model, tmp_path, log=None, **changes):
     key = dict(dict(weights=weights_digest(model), samples=3, seed=0, chunk=2), **changes)
-    return EvalParts(tmp_path / "parts", key)
+    return EvalParts(tmp_path / "parts", key, log=log)
 
 
 def test_an_interrupted_evaluation_continues_to_the_same_numbers(tiny_model, tmp_path):
@@ -104,6 +104,49 @@ def test_an_interrupted_evaluation_continues_to_the_same_numbers(tiny_model, tmp
 def test_a_damaged_part_is_computed_again(tiny_model, tmp_path):
     x = _images(4, seed=5)
     whole = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path))
-    (tmp_path / "parts" / "chunk-0000001.npy").write_bytes(b"not an array")
+    (chunk_one,) = (tmp_path / "parts").glob("chunk-0000001*.npy")
+    chunk_one.write_bytes(b"not an array")
     again = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path))
     assert again["resumed_images"] == 2 and again["bpd"] == whole["bpd"]
+
+
+@pytest.mark.parametrize(
+    "forged, why",
+    [
+        (np.zeros((2, 2)), "digest"),  # well-formed, plausible-looking, wrong
+        (np.full((2, 2), np.nan), "non-finite"),
+        (np.zeros((2, 3)), "shape"),
+        (np.zeros((2, 2), dtype=np.float32), "dtype"),
+    ],
+)
+def test_a_part_overwritten_with_well_formed_values_is_computed_again_and_said(tiny_model, tmp_path, forged, why):
+    x = _images(4, seed=5)
+    whole = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, per_image=True, parts=_parts(tiny_model, tmp_path))
+    (chunk_one,) = (tmp_path / "parts").glob("chunk-0000001*.npy")
+    np.save(chunk_one, forged, allow_pickle=False)
+    said = []
+    again = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, per_image=True,
+                         parts=_parts(tiny_model, tmp_path, log=said.append))  # fmt: skip
+    assert again["resumed_images"] == 2
+    assert {k: v for k, v in again.items() if k != "resumed_images"} == {
+        k: v for k, v in whole.items() if k != "resumed_images"
+    }
+    assert len(said) == 1 and "chunk 1 " in said[0] and why in said[0], said
+    # Computed again, it is saved again: a third run takes both chunks as they are, silently.
+    said.clear()
+    third = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path, log=said.append))
+    assert third["resumed_images"] == 4 and third["bpd"] == whole["bpd"] and said == []
+
+
+def test_a_part_of_another_evaluation_is_not_taken_for_one_of_this(tiny_model, tmp_path):
+    x = _images(4, seed=5)
+    evaluate_bpd(tiny_model, x, samples=3, batch_size=4, seed=1, parts=_parts(tiny_model, tmp_path / "other", seed=1))
+    whole = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path))
+    for path in (tmp_path / "parts").glob("chunk-0000001*.npy"):
+        path.unlink()
+    for path in (tmp_path / "other" / "parts").glob("chunk-0000001*.npy"):  # its name and contents, copied
+        (tmp_path / "parts" / path.name).write_bytes(path.read_bytes())
+    said = []
+    again = evaluate_bpd(tiny_model, x, samples=3, batch_size=4, parts=_parts(tiny_model, tmp_path, log=said.append))
+    assert again["resumed_images"] == 2 and again["bpd"] == whole["bpd"]
+    assert len(said) == 1 and "chunk 1 " in said[0], said

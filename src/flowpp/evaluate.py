@@ -10,9 +10,9 @@ processes share the work. Under torchrun each process scores every world_size-th
 the per-image results are all-reduced, so every process returns the same summary.
 
 A long evaluation can be given :class:`EvalParts`: the images are then scored in chunks whose
-per-image results are saved as they complete (atomically, by rank 0), and a rerun skips the
-chunks already saved. The chunks and their batches are the same in every run, so a resumed
-evaluation gives exactly the numbers of an uninterrupted one.
+per-image results are saved as they complete (atomically, by rank 0, each under a digest), and
+a rerun skips the chunks already saved intact. The chunks and their batches are the same in
+every run, so a resumed evaluation gives exactly the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -98,34 +99,75 @@ class EvalParts:
 
     ``key`` says what is evaluated (weights, data, split, S, seed, images, chunk size); parts
     saved for another key are discarded, so a rerun only ever continues the same evaluation.
+    Each chunk's file name carries the SHA-256 of its values, its index and the key (one atomic
+    rename writes both): a chunk changed on disk, or copied from another evaluation, fails it and
+    is computed again, as is one that is unreadable, misshapen or not finite.
     """
+
+    _NAME = re.compile(r"chunk-(\d{7})(?:-([0-9a-f]{64}))?\.npy")
 
     def __init__(self, folder: str | Path, key: dict[str, Any], log: Callable[[str], None] | None = None):
         self.folder, self.key, self.chunk = Path(folder), key, int(key["chunk"])
         self.log = log or (lambda _m: None)
+        self._key_text = json_text(key)
 
     def _same_key(self) -> bool:
         """Whether the folder holds parts of this evaluation (its key.json equals ``key``)."""
         try:
-            return json.loads((self.folder / "key.json").read_text()) == json.loads(json_text(self.key))
+            return json.loads((self.folder / "key.json").read_text()) == json.loads(self._key_text)
         except (OSError, ValueError):
             return False
 
-    def done(self) -> dict[int, np.ndarray]:
-        """Chunk index -> (2, images of the chunk) float64 sums, for the chunks already saved."""
+    def _digest(self, index: int, values: np.ndarray) -> str:
+        h = hashlib.sha256(self._key_text.encode())
+        h.update(f"chunk {index} {values.shape}\n".encode())
+        h.update(np.ascontiguousarray(values, dtype="<f8").tobytes())
+        return h.hexdigest()
+
+    def _problem(self, path: Path, index: int, digest: str | None, n: int) -> tuple[str | None, np.ndarray | None]:
+        """(why the chunk file cannot be used, or None; its values)."""
+        if digest is None:
+            return "it carries no digest", None
+        if index * self.chunk >= n:
+            return "it is beyond the last chunk", None
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            return f"it is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", None
+        expected = (2, min(n, (index + 1) * self.chunk) - index * self.chunk)
+        if values.dtype != np.float64 or values.shape != expected:
+            return f"wrong shape or dtype: {values.dtype} {values.shape}, expected float64 {expected}", None
+        if not np.isfinite(values).all():
+            return "it holds non-finite values", None
+        if self._digest(index, values) != digest:
+            return "its values do not match its digest", None
+        return None, values
+
+    def done(self, n: int) -> dict[int, np.ndarray]:
+        """Chunk index -> (2, images of the chunk) float64 sums, for the intact chunks saved for
+        ``n`` images; the others are named (one line) and left to be computed again."""
         if not self._same_key():
             if self.folder.exists():
                 self.log(f"{self.folder}: discarding saved parts of another evaluation")
             return {}
-        out = {}
+        out: dict[int, np.ndarray] = {}
+        failed: dict[int, str] = {}
         for path in sorted(self.folder.glob("chunk-*.npy")):
-            try:
-                values = np.load(path, allow_pickle=False)
-                index = int(path.stem.split("-")[1])
-            except (OSError, ValueError, IndexError):
-                continue  # a damaged part is computed again
-            if values.dtype == np.float64 and values.ndim == 2 and values.shape[0] == 2:
+            m = self._NAME.fullmatch(path.name)
+            if m is None:
+                continue
+            index = int(m.group(1))
+            why, values = self._problem(path, index, m.group(2), n)
+            if values is not None:
                 out[index] = values
+            elif why is not None:
+                failed[index] = why
+        failed = {c: why for c, why in failed.items() if c not in out}
+        if failed:
+            listed = [f"chunk {c} ({why})" for c, why in sorted(failed.items())]
+            more = f" and {len(listed) - 5} more" if len(listed) > 5 else ""
+            self.log(f"{self.folder}: computing again {len(failed)} saved part(s) that fail their checks: "
+                     f"{', '.join(listed[:5])}{more}")  # fmt: skip
         return out
 
     def start(self) -> None:
@@ -133,10 +175,17 @@ class EvalParts:
         if not self._same_key():
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
-            atomic_write_text(self.folder / "key.json", json_text(self.key))
+            atomic_write_text(self.folder / "key.json", self._key_text)
 
     def save(self, index: int, values: np.ndarray) -> None:
-        atomic_write(self.folder / f"chunk-{index:07d}.npy", lambda f: np.save(f, values, allow_pickle=False))
+        """Save a chunk's values (only finite ones: others would be computed again anyway)."""
+        if not np.isfinite(values).all():
+            return
+        path = self.folder / f"chunk-{index:07d}-{self._digest(index, values)}.npy"
+        atomic_write(path, lambda f: np.save(f, values, allow_pickle=False))
+        for other in self.folder.glob(f"chunk-{index:07d}*.npy"):  # a damaged file this one replaces
+            if other != path:
+                other.unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -223,7 +272,7 @@ def _agreed_parts(parts: EvalParts | None, n: int, chunk: int, dist: D.DistInfo)
     """The saved chunks every process sees (the others are computed again); rank 0 opens the folder."""
     if parts is None:
         return {}
-    saved = {c: v for c, v in parts.done().items() if v.shape[1] == min(n, (c + 1) * chunk) - c * chunk}
+    saved = parts.done(n)
     chunks = -(-n // chunk)
     seen = torch.zeros(chunks, dtype=torch.float64)
     seen[[c for c in saved if c < chunks]] = 1.0

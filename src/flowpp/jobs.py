@@ -19,7 +19,7 @@ from . import distributed as D
 from .atomic import atomic_write, write_json, write_npz
 from .configs import FlowConfig, get_config, list_configs
 from .data import DATASET_NAMES, DATASETS, ImageSet, load_dataset, match_levels
-from .data.prepared import existing_preparation, load_prepared, prepare, prepared_path, verify_prepared
+from .data.prepared import load_prepared, prepare, prepared_path, verify_prepared
 from .errors import UsageError
 from .evaluate import EvalParts, default_chunk, evaluate_bpd, weights_digest
 from .images import chw_shape, save_grid, to_nhwc
@@ -95,44 +95,18 @@ def load_images(
     log=print,
 ) -> ImageSet:
     """One split of ``data`` on ``config``'s levels: memory-mapped from its preparation (made on
-    first use) for named datasets, or when ``prepared``, or when one made before is current (unless
-    ``prepared`` is False); else read into memory."""
+    first use) for named datasets, or when ``prepared``; else read into memory."""
     levels = None if config.num_levels == 256 else config.num_levels
-    try:
-        if prepared or (prepared is None and _prepared_by_default(str(data))):
+    if prepared or (prepared is None and _prepared_by_default(str(data))):
+        try:
             return load_prepared(data, split, data_dir, num_levels=levels, download=download, log=log,
                                  expect_hwc=_hwc(config))  # fmt: skip
-        if prepared is None:
-            earlier = _earlier_preparation(data, split, config, data_dir, log)
-            if earlier is not None:
-                return earlier
-    except PermissionError as e:
-        if prepared:
-            raise
-        log(f"note: cannot write {prepared_path(data, data_dir, levels)} ({e.strerror}); reading {data} directly")
+        except PermissionError as e:
+            if prepared:
+                raise
+            log(f"note: cannot write {prepared_path(data, data_dir, levels)} ({e.strerror}); reading {data} directly")
     images = load_dataset(data, split, data_dir=data_dir, download=download, expect_hwc=_hwc(config), log=log)
     return match_levels(images, config.num_levels, log=log)
-
-
-def _earlier_preparation(data: str, split: str, config: FlowConfig, data_dir, log) -> ImageSet | None:
-    """``split`` from a current preparation of ``data`` that `flowpp prepare` (or ``--prepare``)
-    made before, on ``config``'s levels or on the source's (then reduced, as a direct read would
-    be); None when there is none. A stale one is left as it is: rebuilding was not asked for."""
-    say = log or (lambda _message: None)
-    levels = None if config.num_levels == 256 else config.num_levels
-    for candidate in dict.fromkeys([levels, None]):
-        found = existing_preparation(data, data_dir, candidate)
-        if found is None:
-            continue
-        folder, why = found
-        if why is None:
-            say(f"data: using the preparation of {data} in {folder} (--no-prepare reads {data} itself)")
-            ds = load_prepared(data, split, data_dir, num_levels=candidate, download=False, log=log,
-                               expect_hwc=_hwc(config))  # fmt: skip
-            return match_levels(ds, config.num_levels, log=log)
-        say(f"note: the preparation of {data} in {folder} is not current ({why}); reading {data} directly "
-            "(--prepare rebuilds it)")  # fmt: skip
-    return None
 
 
 def prepare_job(
@@ -229,8 +203,10 @@ def train_job(
     return summary
 
 
-def _load(run: str, device: str | torch.device, compile: bool, which: str | None = None, log=None, quiet=False):
-    """(model, info, device) from a run directory or an exported .safetensors file; says which weights."""
+def _load(run: str, device: str | torch.device, compile: bool, which: str | None = None, quiet=False):
+    """(model, info, device) from a run directory or an exported .safetensors file; says which weights
+    (and which damaged newer checkpoints it skipped) on stderr, unless ``quiet``."""
+    log = None if quiet else _to_stderr
     dev = device if isinstance(device, torch.device) else D.resolve_device(device)
     if Path(run).is_file():
         from .export import load_with_metadata
@@ -247,6 +223,10 @@ def _load(run: str, device: str | torch.device, compile: bool, which: str | None
     if compile:
         model.compile_networks()
     return model, info, dev
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _writable(folder: Path) -> bool:
@@ -282,12 +262,14 @@ def eval_job(
     prepared: bool | None = None,
     restart: bool = False,
     chunk: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """Bits/dim of a run's EMA weights on a dataset split; written to JSON and returned.
 
     Under torchrun the images are shared out over the processes (the same numbers as one
     process). Per-image results are saved as chunks complete, beside the result; the same
-    command run again continues from them (``restart`` discards them)."""
+    command run again continues from them (``restart`` discards them). ``progress``: a bar on a
+    terminal, else a line every tenth of the images (or five minutes)."""
     path = Path(out) if out else _eval_file(run, data, split, samples)
     if not _writable(path.parent):
         raise UsageError(f"cannot write the result to {path}: its folder is not writable (choose --out)")
@@ -297,7 +279,7 @@ def eval_job(
         dev = torch.device("cuda", dist.local_rank)
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
-        model, info, _ = _load(run, dev, compile, which, log=say, quiet=not dist.is_main)
+        model, info, _ = _load(run, dev, compile, which, quiet=not dist.is_main)
         ds = load_images(data, split, model.config, data_dir=data_dir, download=download, prepared=prepared, log=say)
         if model.config.official and samples < PAPER_EVAL_SAMPLES:
             say(
@@ -315,7 +297,8 @@ def eval_job(
         if restart and dist.is_main:
             parts.remove()
         D.barrier(dist)
-        res = _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts)
+        report = progress and dist.is_main
+        res = _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts, report)
     finally:
         D.shutdown_distributed()
     res.update(
@@ -346,15 +329,41 @@ def eval_job(
     return res
 
 
-def _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts) -> dict:
+def _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts, report: bool) -> dict:
     from tqdm import tqdm
 
-    with tqdm(total=len(x), unit="img", dynamic_ncols=True, file=sys.stderr, disable=not dist.is_main) as bar:
-        res = evaluate_bpd(model, x, samples=samples, batch_size=batch_size, seed=seed, dist=dist,
-                           progress=bar.update, per_image=True, parts=parts)  # fmt: skip
+    run = dict(samples=samples, batch_size=batch_size, seed=seed, dist=dist, per_image=True, parts=parts)
+    if report and sys.stderr.isatty():
+        with tqdm(total=len(x), unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+            res = evaluate_bpd(model, x, progress=bar.update, **run)
+    else:  # a log file gets a few whole lines, not a bar's every redraw
+        res = evaluate_bpd(model, x, progress=_ProgressLines(len(x)) if report else None, **run)
     if res.get("resumed_images"):
         print(f"continued a saved evaluation: {res['resumed_images']:,} images were already done", file=sys.stderr)
     return res
+
+
+class _ProgressLines:
+    """Progress as occasional lines on stderr: each tenth of the images, or every ``seconds``."""
+
+    def __init__(self, total: int, seconds: float = 300.0):
+        import time
+
+        self.clock, self.total, self.seconds = time.monotonic, total, seconds
+        self.done = self.reported = 0
+        self.start = self.last = self.clock()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        tenth = max(1, -(-self.total // 10))
+        due = self.done // tenth > self.reported // tenth or self.done >= self.total or now - self.last >= self.seconds
+        if not due or self.done == self.reported:
+            return
+        rate = self.done / max(now - self.start, 1e-9)  # saved chunks of a resumed evaluation count too
+        percent = 100 * self.done // max(self.total, 1)
+        print(f"eval: {self.done:,}/{self.total:,} images ({percent}%), {rate:,.1f} img/s", file=sys.stderr)
+        self.reported, self.last = self.done, now
 
 
 def sample_job(
