@@ -38,6 +38,8 @@ def read_images(paths: Iterable, log: Optional[Callable[[str], object]] = None) 
             raise DatasetError(f"{path}: no such file")
         if path.is_dir():
             raise DatasetError(f"{path}: is a directory; pass image or .npz files")
+        if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
+            raise DatasetError(f"{path}: is not a regular file; pass image or .npz files")
         suffix = path.suffix.lower()
         if suffix == ".npz":
             with NpzReader(path) as npz:

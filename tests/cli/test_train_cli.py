@@ -3,6 +3,9 @@
 import csv
 import json
 import math
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -341,3 +344,20 @@ def test_training_from_a_memory_map_with_prefetching_is_the_same_training(tmp_pa
     assert [r["train_bpd"] for r in read_metrics(a)] == [r["train_bpd"] for r in read_metrics(b)]
     ca, cb = (load_checkpoint(list_checkpoints(r / "checkpoints")[-1]) for r in (a, b))
     assert all(torch.equal(t, cb["model"][k]) for k, t in ca["model"].items())
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_score_refuses_a_pipe_named_like_an_image_instead_of_waiting_on_it(trained, tmp_path, capsys):
+    fifo = tmp_path / "stream.png"
+    os.mkfifo(fifo)
+
+    def unblock():  # were it opened for reading, this writer would end the wait (and the test would fail)
+        time.sleep(10)
+        with open(fifo, "wb") as f:
+            f.write(b"not a png")
+
+    threading.Thread(target=unblock, daemon=True).start()
+    started = time.monotonic()
+    assert run("score", "--run", trained, fifo) == 2
+    assert "stream.png: is not a regular file" in capsys.readouterr().err
+    assert time.monotonic() - started < 10
