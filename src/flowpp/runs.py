@@ -20,6 +20,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,8 +38,8 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .configs import TRAINING_FIELDS, FlowConfig
-from .errors import RunError
+from .configs import TRAINING_FIELDS, FlowConfig, model_size
+from .errors import ConfigError, RunError
 from .model import FlowPlusPlus
 
 __all__ = ["RunDir", "CheckpointKeeper", "MetricsWriter", "METRIC_FIELDS", "load_run", "run_config"]
@@ -243,9 +244,18 @@ class RunDir:
             if found is None:
                 raise CheckpointError(f"no readable checkpoint in {self.checkpoints}")
             path, ck = found
-        config = FlowConfig.from_dict(ck["config"])
+        try:
+            config = FlowConfig.from_dict(ck.get("config"))
+        except ConfigError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
         if weights not in ck:
             raise CheckpointError(f"checkpoint {path} holds no '{weights}' weights")
+        state = ck[weights] if isinstance(ck[weights], dict) else {}
+        held = sum(t.numel() for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
+        needed = model_size(config).parameters
+        if needed > held:  # a small file must not make flowpp allocate the model of a large config
+            raise CheckpointError(f"checkpoint {path} does not fit config {config.name!r}: it holds {held:,} "
+                                  f"parameters, the config describes {needed:,}")  # fmt: skip
         model = FlowPlusPlus(config)
         try:
             model.load_state_dict(ck[weights])
@@ -442,8 +452,28 @@ def run_config(run_dir: str | os.PathLike) -> FlowConfig:
 def load_run(
     run_dir: str | os.PathLike,
     device: torch.device | str = "cpu",
-    weights: str = "ema",
+    weights: str | None = None,
     log: Log | None = None,
     which: str | None = None,
+    *,
+    raw: bool = False,
 ) -> tuple[FlowPlusPlus, dict]:
-    return RunDir(run_dir).load_model(device, weights=weights, log=log, which=which)
+    """A run's model in eval mode, in the words of the command line: ``weights`` is "best"
+    (best.pt), "last" (the newest readable checkpoint) or None (best when the run has one), as
+    ``--weights``; ``raw=True`` takes the trained weights instead of their EMA, as ``--raw``.
+    The info says ``weights`` (best or last), ``raw``, ``checkpoint`` and ``step``.
+
+    The earlier words still work, with a DeprecationWarning: ``weights="ema"|"model"|"raw"``
+    (now ``raw``) and ``which="best"|"last"`` (now ``weights``)."""
+    if weights in ("ema", "model", "raw"):
+        warnings.warn(f"load_run(weights={weights!r}) is the EMA-or-raw choice of earlier versions: pass "
+                      f"raw={weights != 'ema'} (weights now means best or last, as --weights)",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        raw, weights = weights != "ema", None
+    if which is not None:
+        warnings.warn("load_run(which=...) is now load_run(weights=...)", DeprecationWarning, stacklevel=2)
+        if weights is not None and weights != which:
+            raise RunError(f"load_run: weights={weights!r} and which={which!r} disagree")
+        weights = which
+    model, info = RunDir(run_dir).load_model(device, weights="model" if raw else "ema", log=log, which=weights)
+    return model, {"weights": info["which"], "raw": raw, "checkpoint": info["checkpoint"], "step": info["step"]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flowpp
-from flowpp.checkpoint import CheckpointError, list_checkpoints
+from flowpp.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from flowpp.cli import main
 from flowpp.runs import RunDir
 
@@ -98,3 +98,19 @@ def test_loading_refuses_what_is_not_an_intact_export(trained, tmp_path):
                           ("bare", "no flowpp metadata"), ("missing", "does not exist")):  # fmt: skip
         with pytest.raises(CheckpointError, match=message):
             flowpp.load(tmp_path / f"{name}.safetensors")
+
+
+def test_the_library_loads_a_run_in_the_words_of_the_command_line(trained):
+    from flowpp.runs import load_run
+
+    best, info = load_run(trained, weights="best")
+    assert info["weights"] == "best" and info["raw"] is False and info["checkpoint"].endswith("best.pt")
+    last, info = load_run(trained, weights="last", raw=True)
+    assert info == {"weights": "last", "raw": True, "checkpoint": info["checkpoint"], "step": 8}
+    assert info["checkpoint"].endswith("checkpoint-00000008.pt")
+    raw_state = load_checkpoint(list_checkpoints(trained / "checkpoints")[-1])["model"]
+    assert all(torch.equal(v, raw_state[k]) for k, v in last.state_dict().items())
+    with pytest.warns(DeprecationWarning, match="raw=True"):  # the earlier words still work
+        model, info = load_run(trained, weights="model", which="last")
+    assert info["raw"] is True and info["weights"] == "last"
+    assert all(torch.equal(v, raw_state[k]) for k, v in model.state_dict().items())
