@@ -5,13 +5,14 @@ the model class itself can offer ``from_pretrained`` without importing the write
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError
-from .configs import FlowConfig
+from .configs import FlowConfig, model_size
 from .errors import UsageError
 
 __all__ = ["EXPORT_VERSION", "card_path", "safetensors_module", "load_export"]
@@ -33,6 +34,11 @@ def card_path(weights_file: str | os.PathLike) -> Path:
     return p.with_name(p.name[: -len(p.suffix)] + ".card.json" if p.suffix else p.name + ".card.json")
 
 
+def _floating(tensor_slice) -> bool:
+    """Whether a safetensors entry holds parameters (floats) rather than an init flag (bool)."""
+    return tensor_slice.get_dtype().startswith(("F", "BF"))
+
+
 def load_export(path: str | os.PathLike, device: torch.device | str, model_class) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, the file's metadata) of an exported file; ``model_class`` builds the
     model from the config in the metadata (:class:`flowpp.FlowPlusPlus`)."""
@@ -43,7 +49,8 @@ def load_export(path: str | os.PathLike, device: torch.device | str, model_class
     try:
         with st.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # Only the header's shapes: the config must describe these weights before any is read.
+            held = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if _floating(f.get_slice(k)))
     except Exception as e:  # a truncated file, another format: safetensors' own errors
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
     if meta.get("format") != "flowpp" or "config" not in meta:
@@ -53,8 +60,19 @@ def load_export(path: str | os.PathLike, device: torch.device | str, model_class
         raise CheckpointError(f"{path} was exported in layout version {version}; this flowpp reads {EXPORT_VERSION}")
     try:
         config = FlowConfig.from_dict(json.loads(meta["config"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its config metadata is not a valid flowpp config ({e})") from e
+    except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested past the parser
+        raise CheckpointError(f"{path}: its config metadata is not a valid flowpp config ({e})") from None
+    needed = model_size(config).parameters
+    if needed > held:  # a small file must not make flowpp allocate the model of a large config
+        raise CheckpointError(
+            f"{path} does not fit config {config.name!r}: the file holds {held:,} parameters, the config "
+            f"describes {needed:,}"
+        )
+    try:
+        with st.safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from e
     model = model_class(config)
     try:
         model.load_state_dict(tensors)

@@ -9,7 +9,15 @@ import zipfile
 import numpy as np
 
 from .errors import DatasetError
-from .safety import MAX_NPY_BYTES, READ_CHUNK, Closing, PathLike, fail
+from .safety import (
+    MAX_NPY_BYTES,
+    MAX_NPZ_EXPANSION,
+    NPZ_EXPANSION_FREE_BYTES,
+    READ_CHUNK,
+    Closing,
+    PathLike,
+    fail,
+)
 
 __all__ = ["NpzReader"]
 
@@ -18,7 +26,10 @@ class NpzReader(Closing):
     """Read arrays from an ``.npz`` without unpickling and without trusting it.
 
     Each ``.npy`` header is parsed first; object dtypes are refused and the
-    declared size must fit in the zip member before any memory is allocated.
+    declared size must fit in the zip member before any memory is allocated:
+    within its uncompressed size, and within what its compressed bytes (as
+    found in the file, not as the zip directory claims) can plausibly expand
+    to (MAX_NPZ_EXPANSION).
     Use as a context manager.  ``keys`` lists the array names in file order.
     """
 
@@ -27,6 +38,7 @@ class NpzReader(Closing):
         self._zip = None
         try:
             self._zip = zipfile.ZipFile(os.fspath(path))
+            self._archive_bytes = os.path.getsize(os.fspath(path))
             self._members = {}
             for info in self._zip.infolist():
                 if info.filename.endswith(".npy") and not info.is_dir():
@@ -87,6 +99,17 @@ class NpzReader(Closing):
                     raise fail(
                         source,
                         f"header declares {shape} {dtype} ({nbytes} bytes) but the member holds {info.file_size} bytes",
+                    )
+                # The directory's sizes are the file's own claims: the compressed bytes cannot
+                # exceed the archive, and only so much can come out of them.
+                compressed = min(info.compress_size, self._archive_bytes)
+                stored = info.compress_type == zipfile.ZIP_STORED
+                most = compressed if stored else max(compressed * MAX_NPZ_EXPANSION, NPZ_EXPANSION_FREE_BYTES)
+                if nbytes > most:
+                    held = "bytes" if stored else f"compressed bytes: over {MAX_NPZ_EXPANSION}x expansion, a zip bomb"
+                    raise fail(
+                        source,
+                        f"header declares {shape} {dtype} ({nbytes:,} bytes) in a member of {compressed:,} {held}",
                     )
                 if not read:
                     return shape, fortran, dtype, None

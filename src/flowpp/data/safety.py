@@ -8,7 +8,16 @@ from typing import Optional, Union
 
 from .errors import DatasetError
 
-__all__ = ["PathLike", "MAX_IMAGE_PIXELS", "MAX_NPY_BYTES", "READ_CHUNK", "fail", "Closing"]
+__all__ = [
+    "PathLike",
+    "MAX_IMAGE_PIXELS",
+    "MAX_NPY_BYTES",
+    "MAX_NPZ_EXPANSION",
+    "NPZ_EXPANSION_FREE_BYTES",
+    "READ_CHUNK",
+    "fail",
+    "Closing",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -19,6 +28,12 @@ MAX_IMAGE_PIXELS = 1 << 26
 #: Largest single ``.npy`` array read from an ``.npz`` (bytes).  The largest real
 #: input (a Chrabaszcz et al. ImageNet64 training batch) is about 1.6 GB.
 MAX_NPY_BYTES = 8 << 30
+
+#: A compressed ``.npy`` member may declare at most this many times its compressed bytes (beyond
+#: NPZ_EXPANSION_FREE_BYTES): image data compresses a few times at most, while an array of zeros
+#: compresses ~1000x, which would let a 2 MB file make flowpp allocate 2 GB.
+MAX_NPZ_EXPANSION = 256
+NPZ_EXPANSION_FREE_BYTES = 64 << 20
 
 # Chunk size for streaming reads (bytes).
 READ_CHUNK = 1 << 22
