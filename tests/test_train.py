@@ -247,6 +247,67 @@ def test_the_guard_refuses_to_checkpoint_exploding_weights(tmp_path, tiny_model)
     assert "norm grew" in msgs[-1] and state.checkpoint_param_norm == pytest.approx(9 * norm)
 
 
+def test_the_guard_refuses_to_save_weights_whose_own_loss_is_unhealthy(tiny_model):
+    # A step is judged by its loss, computed before its update: the weights an update breaks are
+    # judged by their own loss on that step's batch before they are saved.
+    msgs = []
+    state = TrainState(step=41, recent_losses=[2.0] * 16, healthy_streak=16)
+    guard, _ = _guard(tiny_model, msgs, state)
+    ema = EMA(tiny_model, 0.99)
+    assert not guard.may_checkpoint(tiny_model, ema, loss_now=lambda: (True, 2.1e8))
+    assert "step 41: not writing a checkpoint: the updated weights are unhealthy (loss 2.1e+08" in msgs[-1]
+    assert state.checkpoint_param_norm is None  # a refused checkpoint is no reference
+    assert "updated weights are unhealthy" in guard.save_problem(tiny_model, ema, lambda: (False, float("nan")))
+    assert guard.save_problem(tiny_model, ema, lambda: (True, 2.1)) is None
+    assert guard.may_checkpoint(tiny_model, ema, loss_now=lambda: (True, 2.1)) and state.checkpoint_param_norm > 0
+    state.healthy_streak = 0  # best.pt follows the same rules as a checkpoint
+    assert guard.save_problem(tiny_model, ema, lambda: (True, 2.1)) == "the last step was unhealthy"
+
+
+def test_an_evaluation_of_unhealthy_weights_is_never_the_best():
+    state = TrainState(step=10)
+    assert not state.record_valid(1063.0, healthy=False)
+    assert state.best_valid_bpd is None and state.best_step is None
+    assert state.last_valid_bpd == 1063.0 and state.evals_since_best == 1
+    state.step = 20
+    assert state.record_valid(7.5) and (state.best_valid_bpd, state.best_step) == (7.5, 20)
+    assert not state.record_valid(7.0, healthy=False) and state.best_valid_bpd == 7.5
+
+
+def test_the_loss_of_the_updated_weights_changes_nothing_of_the_run(tiny_model):
+    # Judged before a checkpoint of a healthy run, it must leave that run bit for bit as it was.
+    from flowpp.training import OptimizerStep
+
+    opt = make_optimizer(list(tiny_model.parameters()), tiny_model.config)
+    step = OptimizerStep(tiny_model, tiny_model, opt, EMA(tiny_model, 0.99), seed=0, rank=0, share=1.0)
+    x = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    noise = tiny_model.dequantizer.sample_noise(x.shape, torch.Generator().manual_seed(1)).double()
+    weights, rng = copy.deepcopy(tiny_model.state_dict()), torch.get_rng_state()
+    tiny_model.train()
+    loss, finite = step.loss_now(x, noise)
+    assert bool(finite) and tiny_model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_model.state_dict().items())
+    with torch.no_grad():
+        expected = tiny_model.eval().bits_per_dim(x, noise=noise).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_a_stop_message_names_only_a_best_model_that_exists(tmp_path, tiny_model):
+    msgs = []
+    guard, state = _guard(tiny_model, msgs, TrainState(step=22))
+    run = RunDir(tmp_path / "run")
+    message = guard.stop_message(run, {"best_checkpoint": None, "best_valid_bpd": None})
+    assert "before its first checkpoint" in message and "no best model" in message and "its best" not in message
+    keeper = _keeper(tmp_path, tiny_model)
+    ema, opt = EMA(tiny_model, 0.99), torch.optim.Adam(tiny_model.parameters())
+    _save(keeper, tiny_model, ema, opt, TrainState(step=20))
+    message = guard.stop_message(keeper.run, {"best_checkpoint": None, "best_valid_bpd": None})
+    assert "its newest checkpoint is" in message and "no best model" in message
+    message = guard.stop_message(keeper.run, {"best_checkpoint": "run/best.pt", "best_valid_bpd": 7.25})
+    assert "its best model run/best.pt (valid 7.2500 bits/dim)" in message
+
+
 def test_the_guard_skips_then_rolls_back_then_stops(tmp_path, tiny_model):
     msgs = []
     state = TrainState(step=1, recent_losses=[2.0] * 16, healthy_streak=16)

@@ -209,6 +209,56 @@ def test_divergence_to_large_finite_weights_stops_and_keeps_the_good_model(tmp_p
         assert state["healthy_streak"] >= 1 and state["recent_losses"][-1] < 1.25 * np.median(state["recent_losses"])
 
 
+def test_a_run_broken_by_its_first_update_keeps_no_best_model(tmp_path, tiny_npz, capsys):
+    # The attack: a learning rate that breaks the weights in the first update. The evaluation at
+    # step 10, from those weights (over 1,000 bits/dim), was kept as best.pt right after the
+    # checkpoint of the same step was refused, and the exit message called it "its best model".
+    out = tmp_path / "run"
+    argv = ["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "200", "--lr", "5",
+            "--eval-every", "10", "--checkpoint-every", "10"]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "step 10: valid bpd" in captured.out and "not kept as the best model" in captured.out
+    assert "training diverged" in captured.err and "its best model" not in captured.err
+    assert "no best model" in captured.err
+    assert not (out / "best.pt").exists() and not list_checkpoints(out / "checkpoints")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_checkpoint"] is None and summary["best_valid_bpd"] is None
+
+
+def _bits_per_dim(path, images):
+    """The loss of a checkpoint's weights (not their EMA) on ``images``, with fixed noise."""
+    ck = load_checkpoint(path)
+    model = flowpp.FlowPlusPlus(flowpp.FlowConfig.from_dict(ck["config"]))
+    model.load_state_dict(ck["model"])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).long()
+    with torch.no_grad():
+        return model.eval().bits_per_dim(x, generator=torch.Generator().manual_seed(0)).mean().item()
+
+
+def test_the_checkpoint_after_the_update_that_breaks_the_weights_is_never_good(tmp_path, tiny_npz, capsys):
+    # The attack: resume a healthy run with --lr 5 and a checkpoint every step. The first update
+    # blows the weights up, but its step was judged by its loss, computed before the update: the
+    # checkpoint after it was written (its norm grew less than 10x) and every rollback went back
+    # to it, "its last good checkpoint".
+    out = tmp_path / "run"
+    _healthy_run(out, tiny_npz, steps=40)
+    capsys.readouterr()
+    resume = ["train", "--resume", "--out", str(out), "--no-progress", "--log-every", "1", "--max-steps", "200"]
+    code = main([*resume, "--lr", "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--max-bad-steps", "3"])
+    captured = capsys.readouterr()
+    assert code == 2
+    rollbacks = [line for line in captured.out.splitlines() if line.startswith("rolled back to")]
+    assert len(rollbacks) == 3 and all("checkpoint-00000040.pt;" in line for line in rollbacks), rollbacks
+    assert "step 41: not writing a checkpoint: the updated weights are unhealthy" in captured.out
+    assert "its last good checkpoint is" in captured.err and "checkpoint-00000040.pt" in captured.err
+    # Whatever checkpoint there is holds weights whose own loss is healthy (close to step 40's).
+    train_images = _data(tiny_npz)[0][:16]
+    good = _bits_per_dim(out / "checkpoints" / "checkpoint-00000040.pt", train_images)
+    for path in list_checkpoints(out / "checkpoints"):
+        assert _bits_per_dim(path, train_images) < 1.25 * good, path.name
+
+
 def test_a_loss_spike_is_skipped_and_a_persistent_one_rolled_back(tmp_path, tiny_npz):
     spikes = {20, 24, 25, 26}  # one alone (skipped), then three in a row (rolled back)
 

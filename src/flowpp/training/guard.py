@@ -1,8 +1,8 @@
 """The divergence guard: the one judge of a run's health.
 
 It decides what happens to each step's update (apply, skip, roll back to the last good
-checkpoint, or stop), whether weights may be checkpointed, when a run has recovered from a
-rollback, and what the run says when it gives up.
+checkpoint, or stop), whether weights may be saved (as a checkpoint or as best.pt, by the same
+rules), when a run has recovered from a rollback, and what the run says when it gives up.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from ..configs import FlowConfig
 from .settings import TrainSettings
 from .state import SPIKE_WINDOW, TrainState
 from .step import EMA, parameter_norm
+
+LossNow = Callable[[], tuple[bool, float]]  # the weights' agreed (finite, bits/dim) on the last batch
 
 __all__ = ["DivergenceGuard", "health_problem", "weights_problem", "recovery_steps", "APPLY", "SKIP", "ROLL_BACK",
            "STOP"]  # fmt: skip
@@ -82,15 +84,17 @@ class DivergenceGuard:
     is skipped. ``max_bad_steps`` of them in a row roll back to the last good checkpoint: the
     first rollback of a series only re-warms the learning rate (a transient fault), each further
     one also halves it (the recipe itself diverges), and ``max_rollbacks`` in a row without
-    :func:`recovery_steps` healthy steps between stop the run. Checkpoints are written from
-    healthy weights only, so the one rolled back to is the newest good one, and the rotation
-    (which follows a new healthy checkpoint) never removes it before a newer good one exists.
+    :func:`recovery_steps` healthy steps between stop the run. Checkpoints and best.pt are written
+    from healthy weights only (:meth:`save_problem`: judged by their own loss too, not only by the
+    loss of the step that made them), so the one rolled back to is the newest good one, and the
+    rotation (which follows a new healthy checkpoint) never removes it before a newer good one exists.
     """
 
     def __init__(self, state: TrainState, settings: TrainSettings, config: FlowConfig, say: Callable[[str], None]):
         self.state, self.settings, self.config, self.say = state, settings, config, say
         self.bad_in_row = 0
         self.problem: str | None = None
+        self._judged_norm: float | None = None  # of the weights last judged for saving
 
     def judge(self, finite: bool, loss: float) -> str:
         """APPLY, SKIP, ROLL_BACK or STOP for the step just taken (``state.step`` already counts it)."""
@@ -139,31 +143,57 @@ class DivergenceGuard:
         scaled = f", now scaled by {state.lr_scale:g}" if state.lr_scale != 1 else ""
         self.say(f"rolled back to {path}; re-warming the learning rate{scaled}")
 
-    def may_checkpoint(self, model: torch.nn.Module, ema: EMA) -> bool:
-        """Whether the current weights may be saved: finite, and their norm not exploded since the
-        last checkpoint. Every rank judges alike (the weights are the same everywhere) and updates
-        the state alike."""
-        state = self.state
-        norm = parameter_norm(model)
-        problem = weights_problem(model, ema.model, norm, state.checkpoint_param_norm)
+    def may_checkpoint(self, model: torch.nn.Module, ema: EMA, loss_now: LossNow | None = None) -> bool:
+        """Whether the current weights may be saved (see :meth:`_weights_problem`), saying why not.
+        Every rank judges alike (the weights are the same everywhere) and updates the state alike."""
+        return self.consider_checkpoint(self._weights_problem(model, ema, loss_now))
+
+    def save_problem(self, model: torch.nn.Module, ema: EMA, loss_now: LossNow | None = None) -> str | None:
+        """Why the current weights must not be saved, as a checkpoint or as best.pt (one set of rules
+        for both, so that neither ever holds a broken model), or None: the last step was unhealthy
+        (its update skipped), or the weights themselves fail (:meth:`_weights_problem`). Changes
+        nothing: :meth:`consider_checkpoint` takes the answer."""
+        if not self.state.healthy_streak:
+            return "the last step was unhealthy"
+        return self._weights_problem(model, ema, loss_now)
+
+    def consider_checkpoint(self, problem: str | None) -> bool:
+        """Whether a checkpoint may be written, given the weights' ``problem`` (just judged): says why
+        not; when it may, their norm becomes the reference of the next one."""
         if problem:
-            self.say(f"step {state.step}: not writing a checkpoint: {problem}")
+            self.say(f"step {self.state.step}: not writing a checkpoint: {problem}")
             return False
-        state.checkpoint_param_norm = norm
+        self.state.checkpoint_param_norm = self._judged_norm
         return True
 
+    def _weights_problem(self, model: torch.nn.Module, ema: EMA, loss_now: LossNow | None) -> str | None:
+        """Non-finite weights, a norm exploded since the last checkpoint (:func:`weights_problem`), or,
+        given ``loss_now`` (the agreed (finite, bits/dim) of the weights on the last step's batch),
+        a loss that :func:`health_problem` judges unhealthy: a step's own loss judges the weights
+        before its update, so the update that breaks them passes as healthy, and only their own
+        loss shows it before they are saved."""
+        self._judged_norm = norm = parameter_norm(model)
+        problem = weights_problem(model, ema.model, norm, self.state.checkpoint_param_norm)
+        if problem is None and loss_now is not None:
+            finite, loss = loss_now()
+            why = "non-finite loss" if not finite else health_problem(True, loss, self.state, self.settings.spike_ratio)
+            if why:
+                problem = f"the updated weights are unhealthy ({why}, on the last step's batch)"
+        return problem
+
     def stop_message(self, run, summary: dict) -> str:
-        """Why a diverged run stopped, and which of its files are good."""
+        """Why a diverged run stopped, and which of its files are good: its checkpoints and best.pt
+        are written from healthy weights only, so it may have neither, and then says so."""
         state, settings = self.state, self.settings
         found = list_checkpoints(run.checkpoints)
-        best = summary.get("best_checkpoint")
-        best = f" and its best model {best} (valid {summary['best_valid_bpd']:.4f} bits/dim)" if best else ""
+        best, no_best = summary.get("best_checkpoint"), "no best model (best.pt is kept only from healthy weights)"
+        best = f" and its best model {best} (valid {summary['best_valid_bpd']:.4f} bits/dim)" if best else None
         if not found:
             return (
-                f"training diverged by step {state.step}, before its first checkpoint{best}: the loss stayed "
-                f"unhealthy for {settings.max_bad_steps * (settings.max_rollbacks + 1)} steps. Start again with a "
-                "lower --lr (or a longer warm-up: --set warmup_steps=N), or see --spike-ratio if the rise in loss is "
-                "expected"
+                f"training diverged by step {state.step}, before its first checkpoint{best or ' and with ' + no_best}: "
+                f"the loss stayed unhealthy for {settings.max_bad_steps * (settings.max_rollbacks + 1)} steps. Start "
+                "again with a lower --lr (or a longer warm-up: --set warmup_steps=N), or see --spike-ratio if the rise "
+                "in loss is expected"
             )
         if state.rollback_step is not None:
             good = f"its last good checkpoint is {run.checkpoint_file(state.rollback_step)}"
@@ -171,6 +201,6 @@ class DivergenceGuard:
             good = f"its newest checkpoint is {found[-1]}"
         return (
             f"training diverged by step {state.step}: {state.rollbacks} rollback(s) (learning rate scaled "
-            f"down to {state.lr_scale:g}) did not make it healthy; {good}{best}. Resume with a lower --lr, "
-            "or see --spike-ratio if the rise in loss is expected"
+            f"down to {state.lr_scale:g}) did not make it healthy; {good}{best or '; it has ' + no_best}. Resume with "
+            "a lower --lr, or see --spike-ratio if the rise in loss is expected"
         )

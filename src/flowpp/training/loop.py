@@ -32,7 +32,7 @@ from ..model import FlowPlusPlus
 from ..runs import CheckpointKeeper, MetricsWriter, RunDir
 from ..schedules import budget_used, learning_rate_now
 from .events import Due, Events, RunClock, StopSignal
-from .guard import APPLY, ROLL_BACK, STOP, DivergenceGuard
+from .guard import APPLY, ROLL_BACK, STOP, DivergenceGuard, LossNow
 from .settings import TrainingDiverged, TrainSettings
 from .state import TrainState
 from .step import EMA, OptimizerStep, make_optimizer, parameter_norm
@@ -179,6 +179,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
     tuner = D.ThreadTuner.for_run(t.settings.threads, t.device, t.say)
     bar = _progress_bar(t.settings, state) if dist.is_main and t.settings.progress else None
     stop_reason, ckpt_path, grad_norm, dt, stop_agreed = "budget", None, float("nan"), 0.0, False
+    loss_now = None  # of the current weights on the last batch, asked by the guard before a save
     with StopSignal() as stop, contextlib.closing(_batches(t, mine)) as batches:
         while progress() < 1.0:
             if stop_agreed or (stop.requested and not dist.enabled):
@@ -193,6 +194,7 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             clock.agreed(*rank0_clock)
             state.advance(epoch, offset, config.batch_size)
             verdict = guard.judge(finite, bpd)
+            loss_now = functools.partial(_loss_now, step, x, noise, dist)
             if verdict == APPLY:
                 step.apply(state.step - 1)
                 guard.healthy(bpd)
@@ -207,9 +209,8 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
             dt = time.perf_counter() - t0
             _account(t, clock, tuner, bar, dt, bpd, verdict == APPLY, lr)
             now = clock.now()
-            ckpt_path = (
-                _run_due(t, events.due(now, progress()), now, events, guard, clock, valid_x, lr, grad_norm) or ckpt_path
-            )
+            due = events.due(now, progress())
+            ckpt_path = _run_due(t, due, now, events, guard, clock, valid_x, lr, grad_norm, loss_now) or ckpt_path
             if events.out_of_patience():
                 t.say(f"stopping early: no new best in {state.evals_since_best} evaluations "
                       f"({state.best_valid_bpd:.4f})")  # fmt: skip
@@ -217,11 +218,11 @@ def _train_loop(t: Trainer, valid_x: Tensor, step_hook: Callable[[int, Tensor], 
                 break
         if bar is not None:
             bar.close()
-        stop_reason, ckpt_path = _final_checkpoint(t, guard, stop_reason, ckpt_path)
+        stop_reason, ckpt_path, saved = _final_checkpoint(t, guard, stop_reason, ckpt_path, loss_now)
     if tuner is not None:
         t.thread_switches = tuner.switches
         tuner.close()
-    summary = finish_training(t, valid_x, stop_reason, ckpt_path, clock.start)
+    summary = finish_training(t, valid_x, stop_reason, ckpt_path, clock.start, weights_saved=saved)
     if stop_reason == "diverged":
         raise TrainingDiverged(guard.stop_message(t.run, summary))
     return summary
@@ -249,11 +250,13 @@ def _account(t: Trainer, clock: RunClock, tuner, bar, seconds: float, bpd: float
 
 def _run_due(
     t: Trainer, due: Due, now: float, events: Events, guard: DivergenceGuard, clock: RunClock, valid_x: Tensor,
-    lr: float, grad_norm: float,
+    lr: float, grad_norm: float, loss_now: LossNow,
 ) -> Path | None:  # fmt: skip
     """The metrics row, evaluation and checkpoint due after this step (at the run's second
-    ``now``); the checkpoint's path if one was written (on rank 0)."""
+    ``now``); the checkpoint's path if one was written (on rank 0). Whether the weights may be
+    saved is judged once, and only when a save may follow."""
     state, s = t.state, t.state.step
+    save_problem = functools.cache(lambda: guard.save_problem(t.model, t.ema, loss_now))
     row = None
     if due.log:
         train_bpd, img_per_s = state.close_window()
@@ -261,7 +264,7 @@ def _run_due(
                    grad_norm=grad_norm, skipped_steps=state.skipped_steps, rollbacks=state.rollbacks,
                    train_seconds=state.train_seconds, threads=torch.get_num_threads())  # fmt: skip
     if due.evaluate:
-        result = _evaluate(t, valid_x)
+        result = _evaluate(t, valid_x, save_problem)
         events.evaluated(now)
         row = {**(row or dict(step=s, images_seen=state.images_seen, lr=lr)), **result}
         t.say(f"step {s}: valid bpd {result['valid_bpd']:.4f} (EMA), inverse error {result['inverse_error']:.2e}")
@@ -270,32 +273,45 @@ def _run_due(
         t.metrics.write({**row, "wall_seconds": state.wall_seconds})
     path = None
     if due.checkpoint:
-        if not state.healthy_streak:
-            t.say(f"step {s}: not writing a checkpoint: the last step was unhealthy")
-        elif guard.may_checkpoint(t.model, t.ema):  # (only rank 0 writes and gets a path)
+        if guard.consider_checkpoint(save_problem()):  # (only rank 0 writes and gets a path)
             path = t.keeper.save(t.model, t.ema.model, t.opt, state.to_dict())
         events.checkpoint_considered(bool(state.healthy_streak), now)
     return path
 
 
-def _evaluate(t: Trainer, valid_x: Tensor) -> dict:
-    """Evaluate the EMA weights, note the result, and keep them as best.pt when they are the best."""
-    s = t.settings
+def _evaluate(t: Trainer, valid_x: Tensor, save_problem: Callable[[], str | None]) -> dict:
+    """Evaluate the EMA weights, note the result, and keep them as best.pt when they are the best
+    and ``save_problem()`` (the rules of a checkpoint) finds nothing: a broken model is never the
+    best one, however its evaluation came out."""
+    s, state = t.settings, t.state
     result = evaluate_now(t.ema.model, valid_x, batch_size=s.eval_batch_size, samples=s.num_samples, seed=s.seed,
-                          grid=t.run.sample_grid(t.state.step), dist=t.dist)  # fmt: skip
-    if t.state.record_valid(result["valid_bpd"]):
-        t.keeper.save_best(t.model, t.ema.model, t.state.to_dict())
+                          grid=t.run.sample_grid(state.step), dist=t.dist)  # fmt: skip
+    bpd = result["valid_bpd"]
+    state.last_valid_bpd = bpd  # the guard's reference while the run has little history, here too
+    problem = save_problem() if state.is_new_best(bpd) else None
+    if problem:
+        t.say(f"step {state.step}: valid bpd {bpd:.4f} is not kept as the best model: {problem}")
+    if state.record_valid(bpd, healthy=problem is None):
+        t.keeper.save_best(t.model, t.ema.model, state.to_dict())
     return result
 
 
+def _loss_now(step: OptimizerStep, x: Tensor, noise: Tensor, dist: D.DistInfo) -> tuple[bool, float]:
+    """The (finite, bits/dim) of the current weights on the batch ``x``, agreed by every process."""
+    loss, finite = step.loss_now(x, noise)
+    finite, bpd, _, _ = D.agree(finite, loss, False, dist)
+    return finite, bpd
+
+
 def _final_checkpoint(
-    t: Trainer, guard: DivergenceGuard, stop_reason: str, ckpt_path: Path | None
-) -> tuple[str, Path | None]:
+    t: Trainer, guard: DivergenceGuard, stop_reason: str, ckpt_path: Path | None, loss_now: LossNow | None
+) -> tuple[str, Path | None, bool]:
     """The final checkpoint (also on SIGTERM / SIGINT); a run that ends in the middle of unhealthy
-    steps keeps the weights of its newest good checkpoint instead."""
-    state = t.state
+    steps keeps the weights of its newest good checkpoint instead. Also whether the weights the
+    run ends with are those of a checkpoint (so judged healthy)."""
+    state, saved = t.state, False
     if stop_reason != "diverged" and state.healthy_streak:
-        if guard.may_checkpoint(t.model, t.ema):
+        if saved := guard.may_checkpoint(t.model, t.ema, loss_now):
             ckpt_path = t.keeper.save(t.model, t.ema.model, t.opt, state.to_dict()) or ckpt_path
     elif stop_reason not in ("diverged", "signal"):
         back = t.keeper.rollback(t.model, t.ema.model, t.opt, state.rollback_step)
@@ -303,11 +319,11 @@ def _final_checkpoint(
             t.say("the run ended on unhealthy steps and has no checkpoint to go back to")
             stop_reason = "diverged"
         else:
-            (ckpt_path, _, _), state.rollbacks = back, state.rollbacks + 1
+            (ckpt_path, _, _), state.rollbacks, saved = back, state.rollbacks + 1, True
             t.say(f"the run ended on unhealthy steps: it keeps the weights of {ckpt_path}")
     if stop_reason == "signal":
         t.say(f"stopped by signal at step {state.step}; checkpoint {ckpt_path}")
-    return stop_reason, ckpt_path
+    return stop_reason, ckpt_path, saved
 
 
 def _progress_bar(settings: TrainSettings, state: TrainState):
@@ -316,11 +332,16 @@ def _progress_bar(settings: TrainSettings, state: TrainState):
     return tqdm(total=settings.max_steps, initial=state.step, dynamic_ncols=True, unit="step")
 
 
-def finish_training(t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Path | None, wall_start: float) -> dict:
-    """The final evaluation (unless stopped by a signal or diverged), its metrics row, and summary.json."""
+def finish_training(
+    t: Trainer, valid_x: Tensor, stop_reason: str, ckpt_path: Path | None, wall_start: float, weights_saved: bool = True
+) -> dict:
+    """The final evaluation (unless stopped by a signal or diverged), its metrics row, and summary.json.
+    ``weights_saved``: whether the final weights are those of a checkpoint; only then may they be
+    kept as the best model."""
     state, final = t.state, {}
     if stop_reason not in ("signal", "diverged", "failed"):
-        final = _evaluate(t, valid_x)
+        unsaved = "the final weights were not checkpointed (see above)"
+        final = _evaluate(t, valid_x, lambda: None if weights_saved else unsaved)
         t.metrics.write(
             dict(step=state.step, images_seen=state.images_seen, skipped_steps=state.skipped_steps,
                  rollbacks=state.rollbacks, train_seconds=state.train_seconds,

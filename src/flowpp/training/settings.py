@@ -11,7 +11,8 @@ __all__ = ["TrainSettings", "TrainingDiverged", "Option"]
 
 
 class TrainingDiverged(RunError):
-    """Training kept diverging after rolling back; the last good checkpoint and best.pt are intact."""
+    """Training kept diverging after rolling back; its checkpoints and best.pt, written from healthy weights
+    only, are intact (a run may have neither: its message says which it has)."""
 
 
 @dataclass(frozen=True)

@@ -71,10 +71,14 @@ class TrainState:
         self.recent_losses = [*self.recent_losses[-(SPIKE_WINDOW - 1) :], bpd]
         self.healthy_streak += 1
 
-    def record_valid(self, bpd: float) -> bool:
-        """Note an evaluation; True when it is the best so far."""
+    def is_new_best(self, bpd: float) -> bool:
+        return self.best_valid_bpd is None or bpd < self.best_valid_bpd
+
+    def record_valid(self, bpd: float, healthy: bool = True) -> bool:
+        """Note an evaluation; True when it is the best so far. Only healthy weights (the divergence
+        guard's judgement) can be: an evaluation of broken ones counts as one without a new best."""
         self.last_valid_bpd = bpd
-        if self.best_valid_bpd is None or bpd < self.best_valid_bpd:
+        if healthy and self.is_new_best(bpd):
             self.best_valid_bpd, self.best_step, self.evals_since_best = bpd, self.step, 0
             return True
         self.evals_since_best += 1

@@ -130,3 +130,19 @@ class OptimizerStep:
 
     def discard(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def loss_now(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss in bits/dim, finite flag) of the current weights on a (local) batch, scaled like
+        :meth:`compute`'s: a step's own loss judges the weights before its update, this the
+        weights after it. Without dropout, so it draws no random numbers and leaves the run as it
+        was."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            loss = -self.model(x, check=False, noise=noise).mean() / self.model.config.nats_per_bpd
+        finally:
+            self.model.train(training)
+        if self.share != 1.0:
+            loss = loss * self.share
+        return loss, torch.isfinite(loss)
