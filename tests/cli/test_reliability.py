@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -181,25 +182,38 @@ def test_a_run_ending_on_unhealthy_steps_keeps_its_last_good_weights(tmp_path, t
     assert all(torch.equal(v, saved[k]) for k, v in created[0].state_dict().items())
 
 
-def _healthy_run(out, tiny_npz, steps=30):
-    args = ["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", str(steps)]
-    assert main([*args, "--checkpoint-every", "10", "--eval-every", "10"]) == 0
+@pytest.fixture(scope="session")
+def healthy_run(tmp_path_factory, tiny_npz):
+    """A healthy 40-step run (a checkpoint and an evaluation every 10 steps), trained once per
+    process; `_healthy_run` copies it for a test to attack."""
+    out = tmp_path_factory.mktemp("healthy") / "run"
+    args = ["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "40"]
+    before = torch.get_num_threads()
+    try:
+        assert main([*args, "--checkpoint-every", "10", "--eval-every", "10"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
-def test_divergence_to_large_finite_weights_stops_and_keeps_the_good_model(tmp_path, tiny_npz, capsys):
+def _healthy_run(out, healthy_run):
+    shutil.copytree(healthy_run, out)
+
+
+def test_divergence_to_large_finite_weights_stops_and_keeps_the_good_model(tmp_path, healthy_run, capsys):
     # The attack: resume a healthy run with a huge learning rate, a checkpoint every step and
     # rotation keeping 2. Before the guard, diverged (finite) weights were checkpointed, the good
     # ones rotated away, and the run ended with exit 0.
     out = tmp_path / "run"
-    _healthy_run(out, tiny_npz)
-    good = out / "checkpoints" / "checkpoint-00000030.pt"
+    _healthy_run(out, healthy_run)
+    good = out / "checkpoints" / "checkpoint-00000040.pt"
     good_bytes, best_bytes = good.read_bytes(), (out / "best.pt").read_bytes()
     capsys.readouterr()
     resume = ["train", "--resume", "--out", str(out), "--no-progress", "--log-every", "1", "--max-steps", "200"]
     code = main([*resume, "--lr", "10", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--max-bad-steps", "3"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "training diverged" in err and "checkpoint-00000030.pt" in err and "best.pt" in err
+    assert "training diverged" in err and "checkpoint-00000040.pt" in err and "best.pt" in err
     assert good.read_bytes() == good_bytes and (out / "best.pt").read_bytes() == best_bytes
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "diverged" and summary["lr_scale"] == 0.25 and summary["steps"] < 200
@@ -236,13 +250,13 @@ def _bits_per_dim(path, images):
         return model.eval().bits_per_dim(x, generator=torch.Generator().manual_seed(0)).mean().item()
 
 
-def test_the_checkpoint_after_the_update_that_breaks_the_weights_is_never_good(tmp_path, tiny_npz, capsys):
+def test_the_checkpoint_after_the_update_that_breaks_the_weights_is_never_good(tmp_path, tiny_npz, healthy_run, capsys):
     # The attack: resume a healthy run with --lr 5 and a checkpoint every step. The first update
     # blows the weights up, but its step was judged by its loss, computed before the update: the
     # checkpoint after it was written (its norm grew less than 10x) and every rollback went back
     # to it, "its last good checkpoint".
     out = tmp_path / "run"
-    _healthy_run(out, tiny_npz, steps=40)
+    _healthy_run(out, healthy_run)
     capsys.readouterr()
     resume = ["train", "--resume", "--out", str(out), "--no-progress", "--log-every", "1", "--max-steps", "200"]
     code = main([*resume, "--lr", "5", "--checkpoint-every", "1", "--keep-checkpoints", "2", "--max-bad-steps", "3"])
