@@ -64,6 +64,7 @@ def test_every_config_builds_on_meta_and_exposes_its_shape(name, meta_models):
     cfg = flowpp.get_config(name)
     model = meta_models[name]
     assert all(p.device.type == "meta" for p in model.parameters())
+    assert flowpp.count_parameters(cfg) == sum(p.numel() for p in model.parameters())  # arithmetic = built
     c, h, w = cfg.image_shape
     assert isinstance(cfg.image_shape, tuple) and len(cfg.image_shape) == 3
     assert all(isinstance(v, int) and v > 0 for v in cfg.image_shape)

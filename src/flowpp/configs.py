@@ -186,7 +186,7 @@ class FlowConfig:
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"config {self.name!r}: {key}={_shown(getattr(self, key))}, expected {expected}")
 
-        # The name is in every message and the config is hashed (count_parameters remembers by config).
+        # The name is in every message, and configs are hashed (lru caches keyed by config).
         if not (isinstance(self.name, str) and len(self.name) <= 200):
             raise ConfigError(f"config name {_shown(self.name)}: expected a string of at most 200 characters")
         if not isinstance(self.notes, str):

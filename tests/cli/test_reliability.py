@@ -528,7 +528,7 @@ def test_a_second_training_beside_a_live_one_is_refused(tmp_path, tiny_npz, caps
 def test_a_killed_evaluation_continues_where_it_stopped(tmp_path, tiny_npz):
     out = tmp_path / "run"
     assert main(["train", *ARGS, "--data", str(tiny_npz), "--out", str(out), "--max-steps", "2"]) == 0
-    base = ["eval", "--run", out, "--data", tiny_npz, "--samples", "256", "--chunk", "2", "--batch-size", "128",
+    base = ["eval", "--run", out, "--data", tiny_npz, "--samples", "64", "--chunk", "2", "--batch-size", "128",
             "--device", "cpu"]  # fmt: skip
     before = torch.get_num_threads()
     try:  # the uninterrupted evaluation, in this process, on one thread as the killed one
