@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import os
 import sys
 
 from .data.registry import help_text as _named_datasets_help
@@ -465,6 +467,15 @@ COMMANDS = {
 }
 
 
+def _stdout_to_devnull() -> None:
+    """Point the standard output at /dev/null, so that the interpreter's last flush of what was
+    still buffered for a closed pipe does not fail again at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # not a real file (a test's capture): nothing will flush into a closed pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what processes started by `train` run
@@ -476,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except FlowppError as e:
         print(f"flowpp: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (`flowpp configs | head`): nothing went wrong here
+        _stdout_to_devnull()
+        return 0
     except OSError as e:  # the file system refused: a full disk, a path that cannot be written
         print(f"flowpp: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
     except KeyboardInterrupt:

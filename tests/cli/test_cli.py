@@ -1,6 +1,8 @@
 """The command line itself: shared options, one-line errors for users' mistakes, tracebacks for bugs."""
 
+import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,13 @@ def test_every_command_line_in_the_readme_parses():
     assert len(commands) >= 12
     for args in commands:
         build_parser().parse_args(args)  # exits (fails the test) on an unknown or misspelt option
+
+
+def test_output_cut_short_by_its_reader_is_not_an_error(monkeypatch, capsys):
+    class ClosedPipe(io.StringIO):  # `flowpp configs | head -1`: head has gone
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["configs"]) == 0
+    assert capsys.readouterr().err == ""
