@@ -221,3 +221,45 @@ def test_bench_contention_tiny(tmp_path):
         rounding = busy / idle * (0.05 / idle + 0.05 / busy) + 5e-4
         assert row["busy_over_idle"] == pytest.approx(busy / idle, abs=rounding)
     assert "2 process(es)" in proc.stdout and "1 process(es)" in proc.stdout
+
+
+def test_bench_codecs_measures_every_classical_codec_and_the_models_bound(tmp_path):
+    import numpy as np
+
+    from flowpp.cli import main as flowpp_main
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_codecs
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.integers(0, 3, (30, 8, 8, 3)), axis=2).clip(0, 255).astype(np.uint8)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=smooth[:16], x_valid=smooth[16:22], x_test=smooth[22:])
+    run_dir = tmp_path / "run"
+    train = ["train", "--config", "tiny", "--data", data, "--out", run_dir, "--max-steps", 2, "--no-progress",
+             "--eval-images", 6, "--threads", 1]  # fmt: skip
+    assert flowpp_main([str(a) for a in train]) == 0
+    out = tmp_path / "codecs.json"
+    result = bench_codecs.main(["--run", str(run_dir), "--data", str(data), "--split", "test", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["n_images"] == 8 and result["image_shape"] == [8, 8, 3]
+    codecs = result["codecs"]
+    assert set(codecs) == {"PNG (level 9)", "WebP lossless", "JPEG 2000 lossless", "JPEG XL lossless"}
+    for row in codecs.values():  # every image decoded to its pixels, or main would have stopped
+        assert 0 < row["mosaic_bits_per_dim"] < row["bits_per_dim"]  # headers paid once
+        assert row["bits_per_dim"] == pytest.approx(8 * row["bytes"] / (8 * 8 * 8 * 3))
+        assert row["encode_img_per_s"] > 0 and row["decode_img_per_s"] > 0
+    best = min(min(r["bits_per_dim"], r["mosaic_bits_per_dim"]) for r in codecs.values())
+    assert min(codecs[result["best_classical"]][k] for k in ("bits_per_dim", "mosaic_bits_per_dim")) == best
+    assert 0 < result["model_bound_bpd"] < 20
+
+
+def test_bench_codecs_refuses_a_codec_that_does_not_give_the_pixels_back():
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_codecs
+
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    with pytest.raises(SystemExit, match="not lossless"):
+        bench_codecs.measure_codec(lambda im: im.tobytes(), lambda b, c: np.zeros((4, 4, c), np.uint8), images)

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""What the lossless codecs people use today make of held-out images, beside the bound a Flow++
+model promises for the same images: the classical side of flowpp's compression table.
+
+    python benchmarks/bench_codecs.py --config digits --data digits --split test [--limit 1000]
+    python benchmarks/bench_codecs.py --run RUN --data cifar10 --split test --limit 1000 --json out.json
+
+Each image is compressed on its own (a file per image, as PNG users store them) with PNG (zlib
+level 9), WebP lossless (level 100, method 6), JPEG 2000 (reversible 5/3 wavelet) and JPEG XL
+(lossless, effort 9), all through `imagecodecs`; every image must decode to its exact pixels.
+Bits/dim are 8 x the bytes of all files over the images' values (N x H x W x C); the same images
+tiled into one mosaic image show each codec with its headers paid once. With ``--run``
+(a run directory or an exported file) the model's single-sample bound on the same images is
+reported too: the rate a bits-back codec built on it can approach. Gray images go to WebP as
+three equal channels (it has no gray mode), which its colour transforms make nearly free.
+Speeds are images per second on this machine, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "src"))
+
+
+def _codecs():
+    import imagecodecs as ic
+
+    def gray_as_rgb(img):
+        return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+    def plane(img):  # PNG, JPEG 2000 and JPEG XL take (H, W) for one channel
+        return img[:, :, 0] if img.shape[2] == 1 else img
+
+    def webp_decode(data, channels):
+        out = ic.webp_decode(data)
+        if channels == 1:
+            if not (out[:, :, :1] == out[:, :, 1:3]).all():
+                raise ValueError("WebP changed a gray image's channels")
+            return out[:, :, :1]
+        return out[:, :, :channels]
+
+    return {
+        "PNG (level 9)": (lambda im: ic.png_encode(plane(im), level=9), lambda b, c: ic.png_decode(b)),
+        "WebP lossless": (
+            lambda im: ic.webp_encode(gray_as_rgb(im), level=100, lossless=True, method=6),
+            webp_decode,
+        ),
+        "JPEG 2000 lossless": (
+            lambda im: ic.jpeg2k_encode(plane(im), reversible=True),
+            lambda b, c: ic.jpeg2k_decode(b),
+        ),
+        "JPEG XL lossless": (
+            lambda im: ic.jpegxl_encode(plane(im), lossless=True, effort=9),
+            lambda b, c: ic.jpegxl_decode(b),
+        ),
+    }
+
+
+def measure_codec(encode, decode, images: np.ndarray) -> dict:
+    """Bits/dim and speeds of one codec over NHWC uint8 ``images``, each image a file of its own."""
+    n, h, w, c = images.shape
+    t0 = time.perf_counter()
+    files = [bytes(encode(np.ascontiguousarray(im))) for im in images]
+    t1 = time.perf_counter()
+    decoded = [decode(f, c) for f in files]
+    t2 = time.perf_counter()
+    for i, (im, back) in enumerate(zip(images, decoded)):
+        if not np.array_equal(np.asarray(back).reshape(h, w, c), im):
+            raise SystemExit(f"image {i} does not decode to its pixels: the codec is not lossless here")
+    total = sum(len(f) for f in files)
+    mosaic = _mosaic(images)
+    packed = bytes(encode(mosaic))
+    if not np.array_equal(np.asarray(decode(packed, c)).reshape(mosaic.shape), mosaic):
+        raise SystemExit("the mosaic does not decode to its pixels: the codec is not lossless here")
+    return {"bits_per_dim": 8 * total / (n * h * w * c), "bytes": total,
+            "encode_img_per_s": n / (t1 - t0), "decode_img_per_s": n / (t2 - t1),
+            "mosaic_bits_per_dim": 8 * len(packed) / (n * h * w * c), "mosaic_bytes": len(packed)}  # fmt: skip
+
+
+def _mosaic(images: np.ndarray) -> np.ndarray:
+    """All images tiled in one (rows of ceil(sqrt(N)), the last row filled with zeros): the codec's
+    headers paid once, as a bits-back archive pays its start-up cost once."""
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.zeros((rows * cols, h, w, c), np.uint8)
+    grid[:n] = images
+    return np.ascontiguousarray(
+        grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    )
+
+
+def model_bound(model_source: str, images: np.ndarray, batch_size: int, seed: int) -> float:
+    """The model's single-sample bound (S = 1) in bits/dim on ``images``."""
+    import torch
+
+    import flowpp
+    from flowpp.evaluate import evaluate_bpd
+    from flowpp.runs import load_run
+
+    model = flowpp.load(model_source) if Path(model_source).is_file() else load_run(model_source)[0]
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).long()
+    return float(evaluate_bpd(model, x, samples=1, batch_size=batch_size, seed=seed)["bpd"])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="a dataset name or file, as for flowpp eval")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=1000, help="the first N images of the split")
+    p.add_argument(
+        "--config", default=None, help="the config whose levels and shape the data takes (default: the run's)"
+    )
+    p.add_argument("--run", default=None, help="a run directory or exported model: report its bound on the same images")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    import flowpp
+    from flowpp.jobs import load_images
+
+    torch.set_num_threads(1)
+    if args.config:
+        config = flowpp.get_config(args.config)
+    elif args.run:
+        config = (flowpp.load(args.run) if Path(args.run).is_file() else flowpp.runs.load_run(args.run)[0]).config
+    else:
+        raise SystemExit("bench_codecs.py: give --config or --run (the data's levels and shape come from it)")
+    images = np.asarray(load_images(args.data, args.split, config, data_dir=args.data_dir, log=lambda *_: None).images)
+    images = images[: args.limit]
+    n, h, w, c = images.shape
+    print(f"{n} images {h}x{w}x{c} of {args.data} ({args.split}), {config.num_levels} levels")
+    table = {name: measure_codec(enc, dec, images) for name, (enc, dec) in _codecs().items()}
+    for name, row in table.items():
+        each, mosaic = row["bits_per_dim"], row["mosaic_bits_per_dim"]
+        speeds = f"encode {row['encode_img_per_s']:8.0f} img/s, decode {row['decode_img_per_s']:8.0f} img/s"
+        print(f"{name:20s} {each:7.3f} bits/dim a file each, {mosaic:7.3f} as one mosaic; {speeds}")
+    best = min(table, key=lambda k: min(table[k]["bits_per_dim"], table[k]["mosaic_bits_per_dim"]))
+    result = {"data": args.data, "split": args.split, "n_images": n, "image_shape": [h, w, c],
+              "num_levels": config.num_levels, "codecs": table, "best_classical": best}  # fmt: skip
+    if args.run:
+        result["model"] = args.run
+        result["model_bound_bpd"] = model_bound(args.run, images, args.batch_size, args.seed)
+        bound = result["model_bound_bpd"]
+        print(f"{'Flow++ bound (S = 1)':20s} {bound:7.3f} bits/dim (what a bits-back codec on it can approach)")
+    print(f"best classical codec: {best}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
