@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     import torch
 
     import flowpp
-    from flowpp.jobs import load_images
+    from flowpp.data.for_config import load_images
 
     torch.set_num_threads(1)
     if args.config:

@@ -132,12 +132,12 @@ def test_files_are_prepared_when_asked_and_levels_reduced_once(tmp_path, fmt):
 
 
 def test_an_unwritable_data_dir_falls_back_to_reading_directly(imagenet, monkeypatch):
-    from flowpp import jobs
+    from flowpp.data import for_config
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(jobs, "load_prepared", refuse)
+    monkeypatch.setattr(for_config, "load_prepared", refuse)
     msgs = []
     got = load_images("imagenet32", "test", flowpp.get_config("imagenet32"), data_dir=imagenet, log=msgs.append)
     assert len(got) == 4 and any("cannot write" in m and "reading imagenet32 directly" in m for m in msgs)

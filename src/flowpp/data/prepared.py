@@ -27,9 +27,7 @@ launch prepare once while the others wait.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import reprlib
 import shutil
 import time
 from pathlib import Path
@@ -41,16 +39,14 @@ from ..atomic import atomic_write_text, file_sha256, fsync_dir, json_text
 from .datasets import ImageSet, default_data_dir, load_dataset, match_levels
 from .errors import DatasetError
 from .formats import ALLOCATE, PROGRESS
+from .manifest import PREPARED_VERSION, SPLIT_FILES, read_manifest
 from .registry import find_dataset, shares_folder
 
 __all__ = ["prepare", "load_prepared", "prepared_path", "verify_prepared", "existing_preparation", "PREPARED_VERSION"]
 
-PREPARED_VERSION = 1
 _SPOT_BLOCKS, _SPOT_BYTES = 16, 1 << 16
 _COPY_ROWS = 4096  # images copied per chunk while writing an array
 _MAX_LISTED = 64  # files of a source subfolder recorded one by one
-_TRAINVALID, _TEST = "trainvalid.npy", "test.npy"
-_SPLIT_FILES = {"train": _TRAINVALID, "valid": _TRAINVALID, "train+valid": _TRAINVALID, "test": _TEST}
 
 Log = Optional[Callable[[str], object]]
 
@@ -145,112 +141,6 @@ def _reduce_in_place(images: np.ndarray, levels: int, num_levels: int, dataset, 
     return num_levels
 
 
-def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _malformed(m) -> str | None:
-    """What in manifest ``m`` (already known to be a dict of this format) has the wrong type, or None."""
-    files, splits, descriptions, sources = (m.get(k) for k in ("files", "splits", "descriptions", "sources"))
-    if not isinstance(files, dict) or not all(
-        isinstance(info, dict)
-        and isinstance(info.get("shape"), list)
-        and len(info["shape"]) == 4
-        and all(_is_count(d) and d >= 0 for d in info["shape"])
-        and isinstance(info.get("sha256"), str)
-        and isinstance(info.get("spot"), str)
-        for info in files.values()
-    ):
-        return "files: each needs a shape of four counts, a sha256 and a spot digest"
-    if not isinstance(splits, dict) or set(splits) != set(_SPLIT_FILES) or not all(
-        v is None or (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and _is_count(v[1])
-                      and _is_count(v[2]))
-        for v in splits.values()
-    ):  # fmt: skip
-        return f"splits: {', '.join(_SPLIT_FILES)}, each [file, first row, end row] or null"
-    if not isinstance(descriptions, dict) or not all(
-        isinstance(descriptions.get(s), str) for s, v in splits.items() if v is not None
-    ):
-        return "descriptions: one text per split"
-    if not isinstance(sources, list) or not all(
-        isinstance(s, dict)
-        and isinstance(s.get("path"), str)
-        and _is_count(s.get("mtime_ns"))
-        and ((s.get("size") is None and s.get("sha256") is None)
-             or (_is_count(s.get("size")) and isinstance(s.get("sha256"), str)))
-        for s in sources
-    ):  # fmt: skip
-        return "sources: each needs a path, a size and SHA-256 (null for a folder) and an mtime_ns"
-    if not _is_count(m.get("num_levels")) or not 2 <= m["num_levels"] <= 256:
-        return f"num_levels: a count of levels in 2..256, not {m.get('num_levels')!r}"
-    if not isinstance(m.get("name"), str) or not isinstance(m.get("missing"), (str, type(None))):
-        return "name and missing: texts"
-    return None
-
-
-def _layout_problem(m: dict, dataset, num_levels: int | None) -> str | None:
-    """Why the (well-typed) manifest ``m`` does not describe what :func:`_build` writes, or None: the
-    file names, the split ranges (train, then valid, in trainvalid.npy; test all of test.npy) and levels.
-    A hand-edited range or file name would otherwise train on the wrong images under the right name."""
-    files, splits = m["files"], m["splits"]
-    unknown = sorted(set(files) - set(_SPLIT_FILES.values()))
-    if unknown or _TRAINVALID not in files:
-        return f"its manifest lists a file flowpp does not write ({unknown[0]!r})" if unknown else \
-            f"its manifest does not list {_TRAINVALID}"  # fmt: skip
-    if (splits["test"] is None) != (_TEST not in files):
-        return f"the manifest lists {_TEST} but has no test split" if splits["test"] is None else \
-            f"the manifest has a test split but does not list {_TEST}"  # fmt: skip
-    absent = [split for split in ("train", "valid", "train+valid") if splits[split] is None]
-    if absent:
-        return f"the manifest has no {absent[0]} split"
-    n = files[_TRAINVALID]["shape"][0]
-    valid_start = splits["valid"][1] if splits["valid"][0] == _TRAINVALID else None
-    whole = {
-        "valid": ((valid_start, n), f"the last rows of {_TRAINVALID}"),
-        "train": ((0, valid_start), f"the rows of {_TRAINVALID} before the valid split"),
-        "train+valid": ((0, n), f"all of {_TRAINVALID}"),
-        "test": ((0, files[_TEST]["shape"][0] if _TEST in files else 0), f"all of {_TEST}"),
-    }
-    for split, ((want_lo, want_hi), what) in whole.items():  # valid first: train is defined by where it starts
-        if splits[split] is None:
-            continue
-        name, lo, hi = splits[split]
-        if name != _SPLIT_FILES[split]:
-            return f"the {split} split must read {_SPLIT_FILES[split]}, not {name!r}"
-        rows = files[name]["shape"][0]
-        if not 0 <= lo <= hi <= rows:
-            return f"the {split} split reads rows {lo}..{hi} of {name}, which has {rows}"
-        if (lo, hi) != (want_lo, want_hi):
-            return f"the {split} split must be {what}, not rows {lo}..{hi}"
-    spec = find_dataset(dataset)
-    levels = num_levels or (spec.num_levels if spec is not None else None)
-    if levels is not None and m["num_levels"] != levels:
-        return f"the manifest says {m['num_levels']} levels, this preparation is for {levels}"
-    return None
-
-
-def _read_manifest(folder: Path, dataset, num_levels: int | None) -> tuple[dict | None, str | None]:
-    """(the manifest in ``folder``, None) when it is whole and describes what flowpp writes, else
-    (None, why not). Checks the manifest only, not the arrays it describes."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        return None, "not prepared yet"
-    try:
-        m = json.loads(manifest.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
-        return None, f"its manifest is unreadable ({e})"
-    if not isinstance(m, dict):
-        return None, f"its manifest is malformed (a JSON {type(m).__name__}, not an object)"
-    if m.get("format") != "flowpp-prepared" or m.get("version") != PREPARED_VERSION:
-        version = reprlib.repr(m.get("version"))
-        return None, f"it was written in another format (version {version}, this flowpp writes {PREPARED_VERSION})"
-    why = _malformed(m)
-    if why is not None:
-        return None, f"its manifest is malformed ({why})"
-    why = _layout_problem(m, dataset, num_levels)
-    return (None, why) if why is not None else (m, None)
-
-
 def _largest_value(arr: np.ndarray) -> int:
     return max((int(arr[lo : lo + _COPY_ROWS].max()) for lo in range(0, len(arr), _COPY_ROWS)), default=0)
 
@@ -258,7 +148,7 @@ def _largest_value(arr: np.ndarray) -> int:
 def _problem(folder: Path, dataset, data_dir, full: bool = False, num_levels: int | None = None) -> str | None:
     """Why the preparation in ``folder`` cannot be used as it is, or None when it can. ``full``
     also reads every byte: the arrays' and the sources' SHA-256, and the pixel values' range."""
-    m, why = _read_manifest(folder, dataset, num_levels)
+    m, why = read_manifest(folder, dataset, num_levels)
     if why is not None:
         return why
     inside = folder.resolve()
@@ -493,10 +383,10 @@ def load_prepared(
 ) -> ImageSet:
     """One split of ``dataset``, memory-mapped from its preparation (made or rebuilt first when
     needed). The images are a read-only view: nothing is copied or read until used."""
-    if split not in _SPLIT_FILES:
-        raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(_SPLIT_FILES)}")
+    if split not in SPLIT_FILES:
+        raise DatasetError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_FILES)}")
     folder = prepare(dataset, data_dir, num_levels=num_levels, download=download, log=log, expect_hwc=expect_hwc)
-    m, why = _read_manifest(folder, dataset, num_levels)
+    m, why = read_manifest(folder, dataset, num_levels)
     if why is not None:  # it passed the check inside prepare(): someone changed it since
         raise DatasetError(f"{folder}: {why}; it changed while being read, run again to rebuild it")
     if m["splits"][split] is None:
