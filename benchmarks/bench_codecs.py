@@ -50,16 +50,16 @@ def _codecs():
     return {
         "PNG (level 9)": (lambda im: ic.png_encode(plane(im), level=9), lambda b, c: ic.png_decode(b)),
         "WebP lossless": (
-            lambda im: ic.webp_encode(gray_as_rgb(im), level=100, lossless=True, method=6),
+            lambda im: ic.webp_encode(gray_as_rgb(im), level=100, lossless=True, method=6, numthreads=1),
             webp_decode,
         ),
         "JPEG 2000 lossless": (
-            lambda im: ic.jpeg2k_encode(plane(im), reversible=True),
-            lambda b, c: ic.jpeg2k_decode(b),
+            lambda im: ic.jpeg2k_encode(plane(im), reversible=True, numthreads=1),
+            lambda b, c: ic.jpeg2k_decode(b, numthreads=1),
         ),
         "JPEG XL lossless": (
-            lambda im: ic.jpegxl_encode(plane(im), lossless=True, effort=9),
-            lambda b, c: ic.jpegxl_decode(b),
+            lambda im: ic.jpegxl_encode(plane(im), lossless=True, effort=9, numthreads=1),
+            lambda b, c: ic.jpegxl_decode(b, numthreads=1),
         ),
     }
 
@@ -98,15 +98,20 @@ def _mosaic(images: np.ndarray) -> np.ndarray:
     )
 
 
-def model_bound(model_source: str, images: np.ndarray, batch_size: int, seed: int) -> float:
+def load_model(source: str):
+    """A run directory's model (its best weights) or an exported file's, in eval mode."""
+    import flowpp
+    from flowpp.runs import load_run
+
+    return flowpp.load(source) if Path(source).is_file() else load_run(source)[0]
+
+
+def model_bound(model, images: np.ndarray, batch_size: int, seed: int) -> float:
     """The model's single-sample bound (S = 1) in bits/dim on ``images``."""
     import torch
 
-    import flowpp
     from flowpp.evaluate import evaluate_bpd
-    from flowpp.runs import load_run
 
-    model = flowpp.load(model_source) if Path(model_source).is_file() else load_run(model_source)[0]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).long()
     return float(evaluate_bpd(model, x, samples=1, batch_size=batch_size, seed=seed)["bpd"])
 
@@ -132,10 +137,11 @@ def main(argv=None) -> dict:
     from flowpp.data.for_config import load_images
 
     torch.set_num_threads(1)
+    model = load_model(args.run) if args.run else None
     if args.config:
         config = flowpp.get_config(args.config)
-    elif args.run:
-        config = (flowpp.load(args.run) if Path(args.run).is_file() else flowpp.runs.load_run(args.run)[0]).config
+    elif model is not None:
+        config = model.config
     else:
         raise SystemExit("bench_codecs.py: give --config or --run (the data's levels and shape come from it)")
     images = np.asarray(load_images(args.data, args.split, config, data_dir=args.data_dir, log=lambda *_: None).images)
@@ -152,7 +158,7 @@ def main(argv=None) -> dict:
               "num_levels": config.num_levels, "codecs": table, "best_classical": best}  # fmt: skip
     if args.run:
         result["model"] = args.run
-        result["model_bound_bpd"] = model_bound(args.run, images, args.batch_size, args.seed)
+        result["model_bound_bpd"] = model_bound(model, images, args.batch_size, args.seed)
         bound = result["model_bound_bpd"]
         print(f"{'Flow++ bound (S = 1)':20s} {bound:7.3f} bits/dim (what a bits-back codec on it can approach)")
     print(f"best classical codec: {best}")
