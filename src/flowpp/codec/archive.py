@@ -1,0 +1,347 @@
+"""The archive: a header that says exactly what is needed to decode, and the coded stack.
+
+Layout (all integers little-endian)::
+
+    b"FLOWPPBB"                 magic (8 bytes)
+    uint16 format version
+    uint32 header length, then the header: zlib-compressed UTF-8 JSON
+    the stack: uint32 words, bottom first
+    32 bytes: SHA-256 of everything before it
+
+The header names the model (SHA-256 of its weights; its config as a named config plus the
+fields that differ, and the SHA-256 of the whole config), the images (count, shape, levels,
+names), the coder's settings and batch sizes, the number of seed words and of stack words, and
+what decoding must match to reproduce the encoder's floating-point computation (flowpp, torch
+and constriction versions, device, CPU kernels, thread count). Every field a few hundred bytes
+at most, compressed: on small images the header is part of the rate.
+
+The seed, at the bottom of the stack, is what the first image borrows its dequantization noise
+from. It is not wasted: it holds the SHA-256 of all images and a checksum of each image, then
+filler derived from that digest. Decoding ends with exactly the seed left on the stack, and
+every image is checked against it before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..evaluate import weights_digest
+from .bitsback import RanDry, decode_batch, plan_and_encode
+from .entropy import CodecError, StackCoder
+from .layers import OP_STD, FlowCoder
+
+__all__ = ["compress", "decompress", "read_header", "Decompressed", "MAGIC", "FORMAT_VERSION", "environment", "model_identity"]
+
+MAGIC = b"FLOWPPBB"
+FORMAT_VERSION = 1
+DEFAULT_GRID_BITS = 16
+MAX_BATCH = 64
+MAX_HEADER_BYTES = 64 << 20
+MAX_IMAGES = 1 << 24
+MAX_PIXELS = 1 << 32  # all images together
+MIN_BITS_PER_DIM = 1.0 / 64  # a header may not promise more pixels than this many bits could hold
+_PREFIX = struct.Struct("<8sHI")
+
+
+@dataclass
+class Decompressed:
+    """Decoded images (N, H, W, C) uint8, their names (None for arrays), and the header."""
+
+    images: np.ndarray
+    names: list[str] | None
+    header: dict
+
+
+def environment(device: torch.device) -> dict:
+    """What decoding must match to repeat the encoder's floating-point operations exactly."""
+    import constriction
+
+    return {
+        "flowpp": __version__,
+        "torch": torch.__version__,
+        "constriction": getattr(constriction, "__version__", _dist_version("constriction")),
+        "device": device.type if device.type == "cpu" else f"{device.type}:{torch.cuda.get_device_name(device)}",
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+# --- seed -------------------------------------------------------------------------------------
+
+
+def _image_digests(x: torch.Tensor) -> tuple[bytes, list[bytes]]:
+    data = x.to(torch.uint8).contiguous().numpy()
+    per_image = [hashlib.sha256(img.tobytes()).digest() for img in data]
+    return hashlib.sha256(b"".join(per_image)).digest(), per_image
+
+
+def _seed_words(digest: bytes, per_image: list[bytes], check_bytes: int, words: int) -> np.ndarray:
+    body = digest + b"".join(d[:check_bytes] for d in per_image)
+    counter = 0
+    while len(body) < 4 * words:
+        body += hashlib.sha256(digest + counter.to_bytes(8, "little")).digest()
+        counter += 1
+    out = np.frombuffer(body[: 4 * words], dtype="<u4").astype(np.uint32)
+    out[-1] |= 1  # the top word of an ANS stack is never zero
+    return out
+
+
+def _check_bytes(count: int, seed_bits: float) -> int:
+    """Checksum bytes per image: 4, or fewer when so many images would outgrow the seed the
+    first image needs anyway (each checksum is then paid for in full)."""
+    for size in (4, 2):
+        if 8 * size * count + 256 <= seed_bits:
+            return size
+    return 1
+
+
+# --- compress -----------------------------------------------------------------------------------
+
+
+def compress(
+    model,
+    images,
+    names: list[str] | None = None,
+    *,
+    grid_bits: int = DEFAULT_GRID_BITS,
+    max_batch: int = MAX_BATCH,
+    progress=None,
+    stats: dict | None = None,
+) -> bytes:
+    """Compress integer images with ``model`` into an archive (bytes).
+
+    ``images``: a (N, C, H, W) integer tensor, or a (N, H, W, C) uint8 array as stored on disk.
+    ``names``: one per image (file names for PNG inputs), or None. ``progress(n)`` is called as
+    n more images are done. ``stats``, when given, is filled with per-image bits and the noise
+    each image used (for measurements).
+    """
+    x = _as_nchw(images)
+    model.check_images(x)
+    if x.shape[0] == 0:
+        raise CodecError("no images to compress")
+    if x.shape[0] > MAX_IMAGES:
+        raise CodecError(f"at most {MAX_IMAGES} images fit one archive, got {x.shape[0]}")
+    if names is not None and len(names) != x.shape[0]:
+        raise CodecError(f"{len(names)} names for {x.shape[0]} images")
+    if not 8 <= grid_bits <= 22:
+        raise CodecError(f"grid_bits must be in [8, 22], got {grid_bits}")
+    model.eval()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    x = x.long()
+    digest, per_image = _image_digests(x)
+
+    # How many bits the first image borrows: coded once on a generous random seed.
+    dims = x[0].numel()
+    trial_words = max(64, (grid_bits + 12) * dims // 16)
+    borrow = None
+    while borrow is None:
+        trial = StackCoder(np.random.default_rng(0).integers(1, 1 << 32, size=trial_words, dtype=np.uint64).astype(np.uint32))
+        try:
+            borrow = plan_and_encode(FlowCoder(trial, grid_bits, device, dtype), model, x[:1], max_batch=1).borrowed_bits[0]
+        except RanDry:
+            trial_words *= 2
+    need_bits = 1.1 * borrow + 256
+    while True:
+        check_bytes = _check_bytes(x.shape[0], need_bits)
+        seed_words = max(math.ceil(need_bits / 32), (32 + check_bytes * x.shape[0] + 3) // 4)
+        seed = _seed_words(digest, per_image, check_bytes, seed_words)
+        coder = StackCoder(seed)
+        try:
+            run = plan_and_encode(
+                FlowCoder(coder, grid_bits, device, dtype), model, x, max_batch=max_batch,
+                keep_noise=stats is not None, progress=progress,
+            )  # fmt: skip
+            break
+        except RanDry as e:  # an image borrowed more than the first did: seed more and start again
+            need_bits = max(2 * need_bits, 1.25 * e.per_image + 256)
+    words = coder.words()
+    header = {
+        "format": FORMAT_VERSION,
+        "model": model_identity(model),
+        "images": {
+            "count": int(x.shape[0]),
+            "shape": list(x.shape[1:]),
+            "levels": int(model.config.num_levels),
+            "names": list(names) if names is not None else None,
+        },
+        "coder": {
+            "grid_bits": grid_bits, "op_std": OP_STD, "batches": run.batches,
+            "seed_words": int(seed_words), "check_bytes": check_bytes,
+        },  # fmt: skip
+        "stack_words": int(words.size),
+        "environment": environment(device),
+    }
+    if stats is not None:
+        stats.update(
+            image_bits=run.image_bits, borrowed_bits=run.borrowed_bits, batches=run.batches,
+            seed_bits=32 * int(seed_words), first_borrow_bits=borrow,
+            noise=torch.cat(run.noise) if run.noise else None,
+        )  # fmt: skip
+    return _pack(header, words)
+
+
+def _as_nchw(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images
+    a = np.asarray(images)
+    if a.ndim != 4:
+        raise CodecError(f"expected images (N, H, W, C), got an array of shape {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def model_identity(model) -> dict:
+    """The weights' SHA-256, and the config as its name plus the fields that differ from the
+    registered config of that name (all of them when the name is not registered)."""
+    from ..configs import get_config
+
+    cfg = model.config.to_dict()
+    try:
+        base = get_config(model.config.name).to_dict()
+        changes = {k: v for k, v in cfg.items() if base.get(k) != v}
+    except Exception:  # an unregistered name: keep every field
+        changes = cfg
+    text = json.dumps(cfg, sort_keys=True, default=list).encode()
+    return {
+        "weights_sha256": weights_digest(model),
+        "config": {"name": model.config.name, "changes": changes, "sha256": hashlib.sha256(text).hexdigest()},
+    }
+
+
+def _pack(header: dict, words: np.ndarray) -> bytes:
+    text = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
+    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)), text, words.astype("<u4").tobytes()])
+    return body + hashlib.sha256(body).digest()
+
+
+# --- read and check ----------------------------------------------------------------------------
+
+
+def read_header(data: bytes) -> tuple[dict, np.ndarray]:
+    """(header, stack words) of an archive; raises CodecError (one line) unless the archive is
+    whole and self-consistent. Nothing is allocated beyond the size of ``data``."""
+    if len(data) < _PREFIX.size or data[:8] != MAGIC:
+        raise CodecError("not a flowpp archive (no FLOWPPBB magic at the start)")
+    _, version, length = _PREFIX.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise CodecError(f"archive format version {version}; this flowpp reads version {FORMAT_VERSION}")
+    if length > MAX_HEADER_BYTES or _PREFIX.size + length + 32 > len(data):
+        raise CodecError(f"archive truncated: its header declares {length} bytes, the file holds {len(data)} in all")
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        raise CodecError("archive truncated or altered: its SHA-256 does not match its contents")
+    try:
+        header = json.loads(zlib.decompressobj().decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES))
+        body = data[_PREFIX.size + length : -32]
+        declared = int(header["stack_words"])
+        images = header["images"]
+        count, shape, coder = int(images["count"]), [int(s) for s in images["shape"]], header["coder"]
+        batches = [int(b) for b in coder["batches"]]
+        seed_words, grid_bits = int(coder["seed_words"]), int(coder["grid_bits"])
+        names = images["names"]
+    except (ValueError, KeyError, TypeError, zlib.error) as e:
+        raise CodecError(f"archive header unreadable: {e}") from None
+    if len(body) != 4 * declared:
+        raise CodecError(f"archive inconsistent: its stack should be {4 * declared} bytes, found {len(body)}")
+    words = np.frombuffer(body, dtype="<u4").astype(np.uint32)
+    pixels = count * math.prod(shape) if len(shape) == 3 and min(shape) > 0 else -1
+    if not (0 < count <= MAX_IMAGES) or pixels <= 0 or pixels > MAX_PIXELS:
+        raise CodecError(f"archive header declares an impossible image set: {count} images of shape {shape}")
+    if pixels * MIN_BITS_PER_DIM > 32 * declared:
+        raise CodecError(f"archive header declares {count} images of shape {shape}, more than its {4 * declared}-byte stack can hold")
+    if sum(batches) != count or any(not 0 < b <= MAX_BATCH for b in batches):
+        raise CodecError("archive header's batch sizes do not add up to its image count")
+    if not 0 < seed_words <= declared or not 8 <= grid_bits <= 22:
+        raise CodecError("archive header's coder settings are out of range")
+    if names is not None and (len(names) != count or not all(isinstance(n, str) and _safe_name(n) for n in names)):
+        raise CodecError("archive header's image names are not one plain file name per image")
+    return header, words
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name
+
+
+def check_model(header: dict, model) -> None:
+    """CodecError unless ``model`` is the one that wrote the archive."""
+    expected = header["model"]["weights_sha256"]
+    actual = weights_digest(model)
+    if actual == expected and header["model"]["config"]["sha256"] != model_identity(model)["config"]["sha256"]:
+        raise CodecError("archive was made with the same weights under another config")
+    if actual != expected:
+        raise CodecError(
+            f"archive was made with another model (weights sha256 {expected[:12]}...), this one is {actual[:12]}..."
+        )
+    if list(header["images"]["shape"]) != list(model.config.image_shape) or header["images"]["levels"] != model.config.num_levels:
+        raise CodecError("archive's image shape or levels differ from the model's config")
+
+
+def check_environment(header: dict, device: torch.device) -> None:
+    """CodecError naming what differs from the encoder's environment (except threads, which
+    decoding sets)."""
+    recorded, here = header["environment"], environment(device)
+    for key in ("flowpp", "torch", "constriction", "device", "cpu_kernels"):
+        if recorded.get(key) != here[key]:
+            raise CodecError(
+                f"archive was written with {key} {recorded.get(key)!r}, this machine has {here[key]!r}; decoding "
+                "repeats the encoder's floating-point operations and needs the same (see docs/compression.md)"
+            )
+
+
+# --- decompress ----------------------------------------------------------------------------------
+
+
+def decompress(data: bytes, model, *, progress=None) -> Decompressed:
+    """Decode an archive written by :func:`compress` with the same model; every image is
+    checked against its checksum and the archive's digest before anything is returned."""
+    header, words = read_header(data)
+    check_model(header, model)
+    param = next(model.parameters())
+    check_environment(header, param.device)
+    coder_settings = header["coder"]
+    model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(header["environment"]["threads"]))
+    try:
+        coder = StackCoder(words)
+        fc = FlowCoder(coder, int(coder_settings["grid_bits"]), param.device, param.dtype)
+        parts = []
+        for size in reversed(coder_settings["batches"]):
+            parts.append(decode_batch(fc, model, size))
+            if progress is not None:
+                progress(size)
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.cat(parts[::-1])
+    digest, per_image = _image_digests(x)
+    seed = _seed_words(digest, per_image, int(coder_settings["check_bytes"]), int(coder_settings["seed_words"]))
+    left = coder.words()
+    if not np.array_equal(left, seed):
+        bad = _first_mismatch(left, seed, per_image, int(coder_settings["check_bytes"]))
+        raise CodecError(f"decoding did not reproduce the images exactly ({bad}); nothing was written")
+    images = x.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+    return Decompressed(images, header["images"]["names"], header)
+
+
+def _first_mismatch(left: np.ndarray, seed: np.ndarray, per_image: list[bytes], check_bytes: int) -> str:
+    if left.size != seed.size:
+        return "the stack did not unwind to its seed"
+    stored = left.astype("<u4").tobytes()[32:]
+    for i, d in enumerate(per_image):
+        if stored[i * check_bytes : (i + 1) * check_bytes] != d[:check_bytes]:
+            return f"image {i} does not match its checksum"
+    return "the images' digest does not match"

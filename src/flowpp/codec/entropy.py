@@ -1,0 +1,147 @@
+"""The entropy coder: constriction's stack ANS with the few models bits-back coding needs.
+
+Values are integers on a grid (``k`` stands for ``k * 2**-grid_bits``). A Gaussian over them is
+coded in two levels when it is wide: a quantized Gaussian over coarse bins of ``m`` grid steps
+(``m`` a power of two, chosen so that the coarse standard deviation is at most ``COARSE_STD``),
+then the position inside the bin, uniformly. constriction's models have 24-bit probabilities
+and give every symbol of their support at least one count, so a support of ``n`` symbols costs
+about ``n / 2**24`` nats per symbol; coarse bins keep the support small (``2 * WINDOW + 1``)
+whatever the width of the Gaussian. The uniform part is exact for a power-of-two ``m``.
+
+A coarse bin at the edge of the window is an escape: the distance beyond it follows, so a value
+far in a tail is still coded (at a high but finite cost) instead of failing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FlowppError
+
+__all__ = ["CodecError", "StackCoder", "COARSE_STD", "WINDOW"]
+
+COARSE_STD = 32.0
+WINDOW = 384  # coarse bins either side of the mean: 12 coarse standard deviations
+_ESCAPE_BITS = 23
+_MAX_LEVEL_BITS = 23  # constriction's uniform model holds fewer than 2**24 symbols
+_WIDE_BITS = 20  # uniform sizes above 2**23 are coded as a low part of 20 bits and a high part
+
+
+class CodecError(FlowppError, ValueError):
+    """An image cannot be coded, or an archive cannot be decoded exactly."""
+
+
+def _constriction():
+    try:
+        import constriction
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise CodecError("compression needs the constriction package: pip install constriction") from e
+    return constriction
+
+
+class StackCoder:
+    """A stack (last in, first out) of coded integers over constriction's ``AnsCoder``.
+
+    ``push_*`` encodes onto the stack, ``pop_*`` decodes from it; a pop undone by the matching
+    push restores the stack bit for bit. ``low_water`` is the fewest bits the stack held after
+    any pop: what bits-back decoding has borrowed.
+    """
+
+    def __init__(self, words: np.ndarray | None = None):
+        c = _constriction()
+        self._ans = c.stream.stack.AnsCoder() if words is None else c.stream.stack.AnsCoder(np.asarray(words, np.uint32))
+        self._gauss = c.stream.model.QuantizedGaussian(-WINDOW, WINDOW)
+        self._uniform = c.stream.model.Uniform()
+        self.low_water = self.num_bits()
+
+    def num_bits(self) -> int:
+        return int(self._ans.num_bits())
+
+    def words(self) -> np.ndarray:
+        return np.asarray(self._ans.get_compressed(), dtype=np.uint32)
+
+    def _after_pop(self) -> None:
+        self.low_water = min(self.low_water, self.num_bits())
+
+    # --- uniform integers in [0, size) -------------------------------------------------------
+
+    def push_uniform(self, values: np.ndarray, sizes: np.ndarray) -> None:
+        values, sizes = _flat(values, np.int64), _flat(sizes, np.int64)
+        wide = sizes > (1 << _MAX_LEVEL_BITS)
+        narrow = ~wide & (sizes >= 2)
+        # Pushed in the reverse of the order pop reads them: wide low parts, wide high parts, narrow.
+        if wide.any():
+            low = values[wide] & ((1 << _WIDE_BITS) - 1)
+            self._ans.encode_reverse(low.astype(np.int32), self._uniform, np.full(low.size, 1 << _WIDE_BITS, np.int32))
+            high_sizes = -(-sizes[wide] // (1 << _WIDE_BITS))
+            self._ans.encode_reverse((values[wide] >> _WIDE_BITS).astype(np.int32), self._uniform, high_sizes.astype(np.int32))
+        if narrow.any():
+            self._ans.encode_reverse(values[narrow].astype(np.int32), self._uniform, sizes[narrow].astype(np.int32))
+
+    def pop_uniform(self, sizes: np.ndarray) -> np.ndarray:
+        sizes = _flat(sizes, np.int64)
+        out = np.zeros(sizes.size, np.int64)
+        wide = sizes > (1 << _MAX_LEVEL_BITS)
+        narrow = ~wide & (sizes >= 2)
+        if narrow.any():
+            out[narrow] = self._ans.decode(self._uniform, sizes[narrow].astype(np.int32))
+        if wide.any():
+            high_sizes = -(-sizes[wide] // (1 << _WIDE_BITS))
+            high = self._ans.decode(self._uniform, high_sizes.astype(np.int32)).astype(np.int64)
+            low = self._ans.decode(self._uniform, np.full(high.size, 1 << _WIDE_BITS, np.int32)).astype(np.int64)
+            out[wide] = (high << _WIDE_BITS) | low
+        self._after_pop()
+        return out
+
+    # --- Gaussians over the grid -------------------------------------------------------------
+
+    def push_gaussian(self, values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+        """Encode integers ``values`` under N(mean, std^2) quantized to unit bins (grid units)."""
+        values = _flat(values, np.int64)
+        centre, step, coarse_mean, coarse_std = _levels(_flat(mean, np.float64), _flat(std, np.float64), values.size)
+        rest = values - centre
+        coarse = rest // step  # floor division: the coarse bin, also for negative offsets
+        fine = rest - coarse * step
+        escaped = np.abs(coarse) >= WINDOW
+        excess = np.abs(coarse[escaped]) - WINDOW
+        if excess.size and int(excess.max()) >= (1 << _ESCAPE_BITS):
+            raise CodecError("a value lies too far from its coding distribution to be coded (more than 2**23 coarse bins)")
+        self.push_uniform(fine, step)
+        if escaped.any():
+            self._ans.encode_reverse(excess.astype(np.int32), self._uniform, np.full(excess.size, 1 << _ESCAPE_BITS, np.int32))
+        symbols = np.clip(coarse, -WINDOW, WINDOW).astype(np.int32)
+        self._ans.encode_reverse(symbols, self._gauss, coarse_mean, coarse_std)
+
+    def pop_gaussian(self, mean: np.ndarray, std: np.ndarray, count: int | None = None) -> np.ndarray:
+        """Decode integers under N(mean, std^2) (``mean``/``std`` may be scalars with ``count``)."""
+        n = count if count is not None else np.size(mean)
+        centre, step, coarse_mean, coarse_std = _levels(_flat(mean, np.float64), _flat(std, np.float64), n)
+        coarse = self._ans.decode(self._gauss, coarse_mean, coarse_std).astype(np.int64)
+        escaped = np.abs(coarse) >= WINDOW
+        if escaped.any():
+            excess = self._ans.decode(self._uniform, np.full(int(escaped.sum()), 1 << _ESCAPE_BITS, np.int32))
+            coarse[escaped] += np.sign(coarse[escaped]) * excess.astype(np.int64)
+        fine = self.pop_uniform(step)
+        self._after_pop()
+        return centre + coarse * step + fine
+
+
+def _flat(a, dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=dtype).reshape(-1))
+
+
+def _levels(mean: np.ndarray, std: np.ndarray, n: int):
+    """Centre (an integer near the mean), coarse bin size (a power of two), and the coarse
+    Gaussian's mean and standard deviation in coarse bins, for each value."""
+    mean = np.broadcast_to(mean, (n,)) if mean.size == 1 else mean
+    std = np.broadcast_to(std, (n,)) if std.size == 1 else std
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise CodecError("the coding distribution has a non-finite mean or a non-positive spread")
+    exponent = np.clip(np.ceil(np.log2(std / COARSE_STD)), 0, _MAX_LEVEL_BITS).astype(np.int64)
+    step = np.left_shift(np.int64(1), exponent)
+    centre = np.floor(mean).astype(np.int64)
+    # Coarse bin h holds grid values centre + h*step .. centre + h*step + step - 1, i.e. the
+    # continuous interval [h*step - 0.5, (h+1)*step - 0.5) around the centre.
+    coarse_mean = np.ascontiguousarray((mean - centre + 0.5) / step - 0.5, dtype=np.float64)
+    coarse_std = np.ascontiguousarray(std / step, dtype=np.float64)
+    return centre, step, coarse_mean, coarse_std
