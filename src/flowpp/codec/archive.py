@@ -39,7 +39,16 @@ from .bitsback import RanDry, decode_batch, plan_and_encode
 from .entropy import CodecError, StackCoder
 from .layers import OP_STD, FlowCoder
 
-__all__ = ["compress", "decompress", "read_header", "Decompressed", "MAGIC", "FORMAT_VERSION", "environment", "model_identity"]
+__all__ = [
+    "compress",
+    "decompress",
+    "read_header",
+    "Decompressed",
+    "MAGIC",
+    "FORMAT_VERSION",
+    "environment",
+    "model_identity",
+]
 
 MAGIC = b"FLOWPPBB"
 FORMAT_VERSION = 1
@@ -151,9 +160,10 @@ def compress(
     trial_words = max(64, (grid_bits + 12) * dims // 16)
     borrow = None
     while borrow is None:
-        trial = StackCoder(np.random.default_rng(0).integers(1, 1 << 32, size=trial_words, dtype=np.uint64).astype(np.uint32))
+        noise_words = np.random.default_rng(0).integers(1, 1 << 32, size=trial_words, dtype=np.uint64)
+        trial = FlowCoder(StackCoder(noise_words.astype(np.uint32)), grid_bits, device, dtype)
         try:
-            borrow = plan_and_encode(FlowCoder(trial, grid_bits, device, dtype), model, x[:1], max_batch=1).borrowed_bits[0]
+            borrow = plan_and_encode(trial, model, x[:1], max_batch=1).borrowed_bits[0]
         except RanDry:
             trial_words *= 2
     need_bits = 1.1 * borrow + 256
@@ -181,8 +191,11 @@ def compress(
             "names": list(names) if names is not None else None,
         },
         "coder": {
-            "grid_bits": grid_bits, "op_std": OP_STD, "batches": run.batches,
-            "seed_words": int(seed_words), "check_bytes": check_bytes,
+            "grid_bits": grid_bits,
+            "op_std": OP_STD,
+            "batches": run.batches,
+            "seed_words": int(seed_words),
+            "check_bytes": check_bytes,
         },  # fmt: skip
         "stack_words": int(words.size),
         "environment": environment(device),
@@ -245,7 +258,8 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
     if hashlib.sha256(data[:-32]).digest() != data[-32:]:
         raise CodecError("archive truncated or altered: its SHA-256 does not match its contents")
     try:
-        header = json.loads(zlib.decompressobj().decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES))
+        text = zlib.decompressobj().decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES)
+        header = json.loads(text)
         body = data[_PREFIX.size + length : -32]
         declared = int(header["stack_words"])
         images = header["images"]
@@ -262,7 +276,9 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
     if not (0 < count <= MAX_IMAGES) or pixels <= 0 or pixels > MAX_PIXELS:
         raise CodecError(f"archive header declares an impossible image set: {count} images of shape {shape}")
     if pixels * MIN_BITS_PER_DIM > 32 * declared:
-        raise CodecError(f"archive header declares {count} images of shape {shape}, more than its {4 * declared}-byte stack can hold")
+        raise CodecError(
+            f"archive header declares {count} images of shape {shape}, more than its {4 * declared}-byte stack can hold"
+        )
     if sum(batches) != count or any(not 0 < b <= MAX_BATCH for b in batches):
         raise CodecError("archive header's batch sizes do not add up to its image count")
     if not 0 < seed_words <= declared or not 8 <= grid_bits <= 22:
@@ -286,7 +302,8 @@ def check_model(header: dict, model) -> None:
         raise CodecError(
             f"archive was made with another model (weights sha256 {expected[:12]}...), this one is {actual[:12]}..."
         )
-    if list(header["images"]["shape"]) != list(model.config.image_shape) or header["images"]["levels"] != model.config.num_levels:
+    images = header["images"]
+    if list(images["shape"]) != list(model.config.image_shape) or images["levels"] != model.config.num_levels:
         raise CodecError("archive's image shape or levels differ from the model's config")
 
 

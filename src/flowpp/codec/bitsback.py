@@ -21,7 +21,7 @@ import torch
 
 from ..dequantizers import UniformDequantizer
 from ..flows import Sigmoid
-from .entropy import CodecError, StackCoder
+from .entropy import CodecError
 from .layers import FlowCoder
 
 __all__ = ["encode_batch", "decode_batch", "EncodeStats", "plan_and_encode", "RanDry"]

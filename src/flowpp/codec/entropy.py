@@ -49,7 +49,9 @@ class StackCoder:
 
     def __init__(self, words: np.ndarray | None = None):
         c = _constriction()
-        self._ans = c.stream.stack.AnsCoder() if words is None else c.stream.stack.AnsCoder(np.asarray(words, np.uint32))
+        self._ans = (
+            c.stream.stack.AnsCoder() if words is None else c.stream.stack.AnsCoder(np.asarray(words, np.uint32))
+        )
         self._gauss = c.stream.model.QuantizedGaussian(-WINDOW, WINDOW)
         self._uniform = c.stream.model.Uniform()
         self.low_water = self.num_bits()
@@ -74,7 +76,9 @@ class StackCoder:
             low = values[wide] & ((1 << _WIDE_BITS) - 1)
             self._ans.encode_reverse(low.astype(np.int32), self._uniform, np.full(low.size, 1 << _WIDE_BITS, np.int32))
             high_sizes = -(-sizes[wide] // (1 << _WIDE_BITS))
-            self._ans.encode_reverse((values[wide] >> _WIDE_BITS).astype(np.int32), self._uniform, high_sizes.astype(np.int32))
+            self._ans.encode_reverse(
+                (values[wide] >> _WIDE_BITS).astype(np.int32), self._uniform, high_sizes.astype(np.int32)
+            )
         if narrow.any():
             self._ans.encode_reverse(values[narrow].astype(np.int32), self._uniform, sizes[narrow].astype(np.int32))
 
@@ -105,10 +109,12 @@ class StackCoder:
         escaped = np.abs(coarse) >= WINDOW
         excess = np.abs(coarse[escaped]) - WINDOW
         if excess.size and int(excess.max()) >= (1 << _ESCAPE_BITS):
-            raise CodecError("a value lies too far from its coding distribution to be coded (more than 2**23 coarse bins)")
+            raise CodecError("a value lies too far from its coding distribution to be coded (over 2**23 coarse bins)")
         self.push_uniform(fine, step)
         if escaped.any():
-            self._ans.encode_reverse(excess.astype(np.int32), self._uniform, np.full(excess.size, 1 << _ESCAPE_BITS, np.int32))
+            self._ans.encode_reverse(
+                excess.astype(np.int32), self._uniform, np.full(excess.size, 1 << _ESCAPE_BITS, np.int32)
+            )
         symbols = np.clip(coarse, -WINDOW, WINDOW).astype(np.int32)
         self._ans.encode_reverse(symbols, self._gauss, coarse_mean, coarse_std)
 

@@ -71,7 +71,7 @@ class FlowCoder:
     # --- walking the layers ----------------------------------------------------------------
 
     def forward(self, layers, k, context: Tensor | None = None):
-        for i, layer in enumerate(layers):
+        for layer in layers:
             k = self._layer(layer, k, context, forward=True)
         return k
 
@@ -250,7 +250,9 @@ class FlowCoder:
         """u index of each v (many-to-one), encoding v's place in its cell."""
         limit = math.ceil(V_LIMIT / self.step)
         if bool((k_v.abs() > limit).any()):
-            raise CodecError(f"a dequantizer value lies beyond +-{V_LIMIT:g} before its sigmoid; this image cannot be coded")
+            raise CodecError(
+                f"a dequantizer value lies beyond +-{V_LIMIT:g} before its sigmoid; this image cannot be coded"
+            )
         top = 1 << self.grid_bits
         i = torch.floor(torch.sigmoid(k_v.double() * self.step) * top).long().clamp(0, top - 1)
         for _ in range(3):  # rounding in sigmoid can be off by one cell: move to the cell that holds v
