@@ -252,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowpp",
         formatter_class=_Formatter,
-        description="Flow++ normalizing flows: train, evaluate, sample and score.",
+        description="Flow++ normalizing flows: train, evaluate, sample, score and compress.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_train, _add_eval, _add_prepare, _add_sample, _add_score, _add_export, _add_import, _add_configs):
+    for add in (
+        _add_train, _add_eval, _add_prepare, _add_sample, _add_score,
+        _add_compress, _add_decompress, _add_export, _add_import, _add_configs,
+    ):  # fmt: skip
         add(sub, parents)
     return p
 
@@ -360,6 +363,44 @@ def _add_score(sub, parents) -> None:
     c.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
 
 
+def _add_compress(sub, parents) -> None:
+    c = sub.add_parser(
+        "compress",
+        formatter_class=_Formatter,
+        help="compress images losslessly into one archive with a model",
+        parents=[parents["data"], parents["runtime"], parents["which"]],
+        description="Bits-back coding with the model (docs/compression.md): PNG files, an .npz with key 'x' "
+        "(uint8 N,H,W,C) or a dataset split become one archive, about the model's bits/dim in size. "
+        "Decompressing needs the same model, flowpp and torch versions, and the same kind of machine.",
+    )
+    c.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
+    c.add_argument("images", nargs="*", help="PNG files, or one .npz file with key 'x'")
+    c.add_argument("--data", default=None, help=f"DATASET instead of files: {_DATASETS_HELP}")
+    c.add_argument("--split", default="test", choices=["train", "valid", "test"], help="with --data: which split")
+    c.add_argument("--limit", type=_positive_int, default=None, help="with --data: only the first N images")
+    c.add_argument("--out", required=True, help="archive file to write")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c.add_argument("--grid-bits", type=int, default=16, help="precision of the coded values: 2^-N (8..22)")
+    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
+
+
+def _add_decompress(sub, parents) -> None:
+    d = sub.add_parser(
+        "decompress",
+        formatter_class=_Formatter,
+        help="restore the images of an archive exactly",
+        parents=[parents["which"]],
+        description="Decode an archive from `flowpp compress` with the same model. PNG inputs come back as "
+        "PNG files with their names, arrays as OUT/images.npz (key 'x'). Nothing is written unless every "
+        "image decodes exactly.",
+    )
+    d.add_argument("archive", help="archive file")
+    d.add_argument("--run", required=True, help="the run directory or exported file that compressed it")
+    d.add_argument("--out", required=True, help="folder to write the images into")
+    d.add_argument("--device", default=None, help="default: the kind of device the archive was written on")
+    d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
+
+
 def _add_export(sub, parents) -> None:
     x = sub.add_parser(
         "export",
@@ -460,6 +501,8 @@ COMMANDS = {
     "eval": lambda a: _call("eval_job", a),
     "sample": lambda a: _call("sample_job", a),
     "score": lambda a: _call("score_job", a),
+    "compress": lambda a: _call("compress_job", a),
+    "decompress": lambda a: _call("decompress_job", a),
     "export": lambda a: _call("export_job", a),
     "import": lambda a: _call("import_job", a),
     "prepare": lambda a: _call("prepare_job", a),

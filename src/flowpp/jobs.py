@@ -38,6 +38,8 @@ __all__ = [
     "export_job",
     "configs_job",
     "prepare_job",
+    "compress_job",
+    "decompress_job",
     "load_images",
 ]
 
@@ -311,10 +313,10 @@ def _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts, re
 class _ProgressLines:
     """Progress as occasional lines on stderr: each tenth of the images, or every ``seconds``."""
 
-    def __init__(self, total: int, seconds: float = 300.0):
+    def __init__(self, total: int, seconds: float = 300.0, label: str = "eval"):
         import time
 
-        self.clock, self.total, self.seconds = time.monotonic, total, seconds
+        self.clock, self.total, self.seconds, self.label = time.monotonic, total, seconds, label
         self.done = self.reported = 0
         self.start = self.last = self.clock()
 
@@ -327,7 +329,7 @@ class _ProgressLines:
             return
         rate = self.done / max(now - self.start, 1e-9)  # saved chunks of a resumed evaluation count too
         percent = 100 * self.done // max(self.total, 1)
-        print(f"eval: {self.done:,}/{self.total:,} images ({percent}%), {rate:,.1f} img/s", file=sys.stderr)
+        print(f"{self.label}: {self.done:,}/{self.total:,} images ({percent}%), {rate:,.1f} img/s", file=sys.stderr)
         self.reported, self.last = self.done, now
 
 
@@ -450,3 +452,87 @@ def configs_job(name: str | None = None) -> None:
         cfg = get_config(key)
         c, h, w = cfg.image_shape
         print(f"{key:<26} {c}x{h}x{w}  L={cfg.num_levels:<4} {count_parameters(cfg):>13,} parameters  {cfg.notes}")
+
+
+def compress_job(
+    *,
+    run: str,
+    images: Sequence[str] = (),
+    out: str,
+    data: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    data_dir: str | None = None,
+    download: bool = True,
+    device: str = "auto",
+    which: str | None = None,
+    grid_bits: int = 16,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Compress PNG files, an .npz (key 'x') or a dataset split into one archive with a run's model."""
+    from .atomic import atomic_write_bytes
+    from .codec import compress
+    from .codec.files import read_inputs
+
+    target = Path(out)
+    if target.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+    if target.is_dir():
+        raise UsageError(f"{out} is a directory; --out names the archive file")
+    if bool(images) == bool(data):
+        raise UsageError("give either image files or --data NAME, not both or neither")
+    model, info, _ = _load(run, device, False, which)
+    cfg = model.config
+    if data:
+        x = load_images(data, split, cfg, data_dir=data_dir, download=download, log=_to_stderr).images
+        x, names = np.ascontiguousarray(x[:limit] if limit else x), None
+    else:
+        x, names = read_inputs(list(images), tuple(cfg.image_shape), cfg.num_levels)
+    with _progress_bar(len(x), progress, "compress") as bar:
+        archive = compress(model, x, names, grid_bits=grid_bits, progress=bar)
+    atomic_write_bytes(target, archive)
+    dims = x.size
+    summary = {"archive": str(target), "images": int(len(x)), "bytes": len(archive), "bpd": 8 * len(archive) / dims}
+    print(f"wrote {target}: {len(x):,} images, {len(archive):,} bytes, {summary['bpd']:.4f} bits/dim")
+    return summary
+
+
+def decompress_job(
+    *, archive: str, out: str, run: str, device: str | None = None, which: str | None = None, progress: bool = True
+) -> list[Path]:
+    """Decode an archive with the run's model and write its images into the folder ``out``."""
+    from .codec import decompress
+    from .codec.files import write_outputs
+
+    path = Path(archive)
+    if not path.is_file():
+        raise UsageError(f"{archive}: no such file" if not path.exists() else f"{archive}: not a regular file")
+    data = path.read_bytes()
+    from .codec import read_header
+
+    header, _ = read_header(data)  # a damaged archive is refused before the model is loaded
+    if device is None:
+        device = header["environment"]["device"].split(":")[0]
+    model, info, _ = _load(run, device, False, which)
+    with _progress_bar(header["images"]["count"], progress, "decompress") as bar:
+        result = decompress(data, model, progress=bar)
+    written = write_outputs(out, result.images, result.names, model.config.num_levels)
+    what = f"{len(written):,} PNG files" if result.names is not None else str(written[0])
+    print(f"decoded {len(result.images):,} images exactly; wrote {what} in {out}")
+    return written
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool, what: str):
+    """A callback taking the number of images just done: a bar on a terminal, lines in a log."""
+    if not enabled:
+        yield None
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr, desc=what) as bar:
+            yield bar.update
+        return
+    yield _ProgressLines(total, label=what)

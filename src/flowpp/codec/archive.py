@@ -341,6 +341,10 @@ def decompress(data: bytes, model, *, progress=None) -> Decompressed:
             parts.append(decode_batch(fc, model, size))
             if progress is not None:
                 progress(size)
+    except (CodecError, ValueError, OverflowError, RuntimeError) as e:
+        # A value the encoder never produced: this machine computes differently, or the archive
+        # was forged with valid digests. Either way there is nothing exact to return.
+        raise CodecError(f"decoding did not reproduce the encoder's computation ({e}); nothing was written") from None
     finally:
         torch.set_num_threads(threads)
     x = torch.cat(parts[::-1])

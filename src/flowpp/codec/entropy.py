@@ -57,7 +57,7 @@ class StackCoder:
         self.low_water = self.num_bits()
 
     def num_bits(self) -> int:
-        return int(self._ans.num_bits())
+        return int(self._ans.num_valid_bits())
 
     def words(self) -> np.ndarray:
         return np.asarray(self._ans.get_compressed(), dtype=np.uint32)

@@ -49,7 +49,7 @@ __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
 OP_STD = 32.0  # grid steps that each local bits-back Gaussian spans at least
 SCALE_BITS = 12  # precision of the rational scales R/S of the affine maps
-V_LIMIT = 30.0  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]
+V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
 
 

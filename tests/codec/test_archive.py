@@ -1,0 +1,174 @@
+"""compress/decompress: exact round trips, the rate against the model's bound, and every refusal."""
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import flowpp
+from flowpp.codec import CodecError, compress, decompress, read_header
+from flowpp.codec.archive import MAGIC, _pack
+
+
+def _images(config, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 200, (n, config.image_shape[0], 1, 1), generator=g)
+    return (base + torch.randint(0, 50, (n, *config.image_shape), generator=g)).clamp(0, config.num_levels - 1)
+
+
+def _repack(data: bytes, change) -> bytes:
+    """The archive with its header changed by ``change(header)``, digests made valid again."""
+    header, words = read_header(data)
+    change(header)
+    return _pack(header, words)
+
+
+@pytest.fixture
+def archive(tiny_model, single_thread):
+    x = _images(tiny_model.config, 5)
+    stats = {}
+    return x, compress(tiny_model, x, stats=stats), stats
+
+
+def test_images_come_back_exactly_at_about_the_models_bound(tiny_model, archive):
+    x, data, stats = archive
+    out = decompress(data, tiny_model)
+    assert np.array_equal(out.images, x.permute(0, 2, 3, 1).numpy()) and out.names is None
+    with torch.no_grad():
+        bound = -tiny_model.log_prob(x, noise=stats["noise"]).sum().item() / math.log(2)
+    coded = sum(stats["image_bits"])
+    assert coded == pytest.approx(bound, rel=0.01)  # at the noise the coder drew: overheads only
+    header, words = read_header(data)
+    assert 32 * len(words) == pytest.approx(coded + stats["seed_bits"], abs=32)
+    assert header["coder"]["batches"][0] == 1 and sum(header["coder"]["batches"]) == 5
+
+
+def test_arrays_names_and_a_single_image(tiny_model, single_thread):
+    x = _images(tiny_model.config, 2, seed=3)
+    nhwc = x.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    out = decompress(compress(tiny_model, nhwc, ["a.png", "b.png"]), tiny_model)
+    assert np.array_equal(out.images, nhwc) and out.names == ["a.png", "b.png"]
+    one = compress(tiny_model, nhwc[:1])
+    assert np.array_equal(decompress(one, tiny_model).images, nhwc[:1])
+
+
+@pytest.mark.parametrize("changes", [{"dequantizer": "uniform"}, {"coupling": "affine", "pointwise": False}])
+def test_ablation_models_compress_too(tiny_config, perturb, changes, single_thread):
+    torch.manual_seed(0)
+    model = flowpp.FlowPlusPlus(tiny_config.replace(**changes)).double()
+    model.initialize(_images(model.config, 8))
+    perturb(model, 0.1, seed=1)
+    x = _images(model.config, 3, seed=2)
+    assert torch.equal(torch.from_numpy(decompress(compress(model, x), model).images).permute(0, 3, 1, 2), x.byte())
+
+
+def test_damaged_archives_are_refused_in_one_line(tiny_model, archive):
+    _, data, _ = archive
+    cases = {
+        "not a flowpp archive": b"PNG" + data[3:],
+        "format version": data[:8] + struct.pack("<H", 99) + data[10:],
+        "truncated": data[: len(data) // 2],
+        "truncated or altered": data[:-1],
+        "altered": data[:40] + bytes([data[40] ^ 1]) + data[41:],
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(CodecError, match=reason) as e:
+            decompress(bad, tiny_model)
+        assert "\n" not in str(e.value)
+    with pytest.raises(CodecError, match="altered"):
+        decompress(data[:-40] + bytes([data[-40] ^ 0x80]) + data[-39:], tiny_model)
+
+
+def test_headers_that_promise_more_than_the_file_holds_are_refused(tiny_model, archive):
+    _, data, _ = archive
+
+    def many(h):
+        h["images"]["count"] = 10**6
+        h["coder"]["batches"] = [64] * (10**6 // 64)
+
+    for change, reason in [
+        (many, "more than its"),
+        (lambda h: h["images"].update(count=2**40), "impossible image set"),
+        (lambda h: h["coder"].update(batches=[1, 1]), "batch sizes"),
+        (lambda h: h["images"].update(names=["../x"] * 5), "plain file name"),
+        (lambda h: h.update(stack_words=3), "stack should be"),
+    ]:
+        with pytest.raises(CodecError, match=reason):
+            decompress(_repack(data, change), tiny_model)
+    text = zlib.compress(b"[1, 2]")
+    body = struct.pack("<8sHI", MAGIC, 1, len(text)) + text
+    with pytest.raises(CodecError, match="unreadable"):
+        read_header(body + hashlib.sha256(body).digest())
+
+
+def test_another_model_or_environment_is_refused(tiny_model, archive, perturb):
+    _, data, _ = archive
+    other = flowpp.FlowPlusPlus(tiny_model.config).double()
+    other.load_state_dict(tiny_model.state_dict())
+    perturb(other, 1e-6, seed=9)
+    with pytest.raises(CodecError, match="another model"):
+        decompress(data, other)
+    for key in ("torch", "flowpp", "device", "cpu_kernels", "constriction"):
+        with pytest.raises(CodecError, match=f"written with {key}"):
+            decompress(_repack(data, lambda h: h["environment"].update({key: "other"})), tiny_model)
+
+
+def test_decoding_sets_the_encoders_thread_count(tiny_model, archive, monkeypatch):
+    _, data, _ = archive
+    assert read_header(data)[0]["environment"]["threads"] == 1
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    real(2)
+    try:
+        decompress(data, tiny_model)
+    finally:
+        real(1)
+    assert calls == [1, 2]
+
+
+def test_a_decode_that_diverges_is_caught_not_returned(tiny_model, archive, monkeypatch):
+    """Another floating-point result anywhere (here: one weight moved after the identity check)
+    changes the decoded values; the checksums in the seed catch it."""
+    _, data, _ = archive
+    from flowpp.codec import archive as archive_module
+
+    real = archive_module.check_model
+
+    def check_then_move(header, model):
+        real(header, model)
+        with torch.no_grad():
+            model.flow.layers[2].biases[0].add_(1e-3)
+
+    monkeypatch.setattr(archive_module, "check_model", check_then_move)
+    with pytest.raises(CodecError, match="did not reproduce"):
+        decompress(data, tiny_model)
+
+
+@pytest.mark.parametrize("word, reason", [(0, "digest does not match"), (8, "image 0 does not match its checksum")])
+def test_the_checksums_at_the_bottom_of_the_stack_are_checked(tiny_model, archive, word, reason):
+    """A forged archive (digests made valid) whose seed disagrees with the decoded images."""
+    _, data, _ = archive
+    header, words = read_header(data)
+    words = words.copy()
+    words[word] ^= 0x10
+    with pytest.raises(CodecError, match=reason):
+        decompress(_pack(header, words), tiny_model)
+
+
+def test_bad_inputs_are_refused(tiny_model, single_thread):
+    x = _images(tiny_model.config, 2)
+    with pytest.raises(CodecError, match="no images"):
+        compress(tiny_model, x[:0])
+    with pytest.raises(CodecError, match="names"):
+        compress(tiny_model, x, ["one.png"])
+    with pytest.raises(flowpp.errors.InputError):
+        compress(tiny_model, x[:, :, :4])
+    with pytest.raises(CodecError, match="grid_bits"):
+        compress(tiny_model, x, grid_bits=40)
+    json.dumps(read_header(compress(tiny_model, x[:1]))[0])  # the header is plain JSON
