@@ -115,7 +115,7 @@ def test_another_model_or_environment_is_refused(tiny_model, archive, perturb):
         decompress(data, other)
     for key in ("torch", "flowpp", "device", "cpu_kernels", "constriction"):
         with pytest.raises(CodecError, match=f"written with {key}"):
-            decompress(_repack(data, lambda h: h["environment"].update({key: "other"})), tiny_model)
+            decompress(_repack(data, lambda h, key=key: h["environment"].update({key: "other"})), tiny_model)
 
 
 def test_decoding_sets_the_encoders_thread_count(tiny_model, archive, monkeypatch):
