@@ -113,7 +113,8 @@ def mixture_inverse_logit_cdf(
     *,
     max_iters: int | None = None,
     check_every: int = 4,
-) -> Tensor:
+    with_log_slope: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Solve ``logit F(x) = target_logit`` for x, elementwise.
 
     Safeguarded Newton on g(x) = logit F(x) - v inside a bracket that always contains the root.
@@ -123,6 +124,8 @@ def mixture_inverse_logit_cdf(
     host syncs; convergence is checked once every ``check_every`` iterations.
 
     Working in the logit domain keeps targets at F = 1e-30 or 1 - 1e-12 exactly representable.
+    ``with_log_slope`` also returns log d/dx logit F at the last point evaluated (the root, up to
+    the last step), which the iteration has computed anyway.
     """
     dtype = target_logit.dtype
     eps = torch.finfo(dtype).eps
@@ -161,7 +164,7 @@ def mixture_inverse_logit_cdf(
         x = x_next
         if (it + 1) % check_every == 0 and bool(done.all()):
             break
-    return x
+    return (x, log_slope) if with_log_slope else x
 
 
 def mixture_inverse_cdf(

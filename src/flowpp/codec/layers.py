@@ -49,6 +49,7 @@ __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
 OP_STD = 32.0  # grid steps that each local bits-back Gaussian spans at least
 SCALE_BITS = 12  # precision of the rational scales R/S of the affine maps
+INVERSE_STEPS = 6  # Newton steps per coupling inverse (see _coupling_maps)
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
 
@@ -168,8 +169,14 @@ class FlowCoder:
             return torch.exp(s) * logit_cdf + t, log_slope + s
 
         def f_inv(z):
-            y = mixture_inverse_logit_cdf((z - t) * torch.exp(-s), logits, means, log_scales)
-            return y, mixture_logit_cdf(y, logits, means, log_scales)[1] + s
+            # A fixed number of safeguarded Newton steps, without convergence checks: the mean of
+            # a Gaussian needs no more precision than a small fraction of its spread, and the
+            # slope of the last step serves as f' (any function of z both sides compute works).
+            y, log_slope = mixture_inverse_logit_cdf(
+                (z - t) * torch.exp(-s), logits, means, log_scales,
+                max_iters=INVERSE_STEPS, check_every=INVERSE_STEPS + 1, with_log_slope=True,
+            )  # fmt: skip
+            return y, log_slope + s
 
         return f, f_inv
 
