@@ -35,17 +35,28 @@ def archive(tiny_model, single_thread):
     return x, compress(tiny_model, x, stats=stats), stats
 
 
-def test_images_come_back_exactly_at_about_the_models_bound(tiny_model, archive):
+def test_images_come_back_exactly(tiny_model, archive):
     x, data, stats = archive
     out = decompress(data, tiny_model)
     assert np.array_equal(out.images, x.permute(0, 2, 3, 1).numpy()) and out.names is None
-    with torch.no_grad():
-        bound = -tiny_model.log_prob(x, noise=stats["noise"]).sum().item() / math.log(2)
-    coded = sum(stats["image_bits"])
-    assert coded == pytest.approx(bound, rel=0.01)  # at the noise the coder drew: overheads only
     header, words = read_header(data)
-    assert 32 * len(words) == pytest.approx(coded + stats["seed_bits"], abs=32)
+    assert 32 * len(words) == pytest.approx(sum(stats["image_bits"]) + stats["seed_bits"], abs=32)
     assert header["coder"]["batches"][0] == 1 and sum(header["coder"]["batches"]) == 5
+
+
+def test_the_archive_costs_the_models_bound_at_the_noise_it_drew(tiny_config, perturb, single_thread):
+    """Local bits-back is exact in the limit of a fine grid; on a smooth model (initialised on
+    data, moved a little) its overhead is already a small fraction of a bit per value."""
+    torch.manual_seed(0)
+    model = flowpp.FlowPlusPlus(tiny_config).double()
+    model.initialize(_images(tiny_config, 16, seed=1))
+    perturb(model, 0.02, seed=2)
+    x = _images(tiny_config, 8, seed=3)
+    stats = {}
+    compress(model, x, stats=stats)
+    with torch.no_grad():
+        bound = -model.log_prob(x, noise=stats["noise"]).sum().item() / math.log(2)
+    assert sum(stats["image_bits"]) == pytest.approx(bound, abs=0.02 * x.numel())
 
 
 def test_arrays_names_and_a_single_image(tiny_model, single_thread):

@@ -61,3 +61,18 @@ def test_a_non_finite_distribution_is_refused():
         StackCoder(_seed(8)).pop_gaussian(np.array([np.nan]), np.array([1.0]))
     with pytest.raises(CodecError, match="non-positive"):
         StackCoder(_seed(8)).push_gaussian(np.array([1]), np.array([0.0]), np.array([0.0]))
+
+
+def test_a_decode_that_lands_on_an_escape_stays_near_the_window():
+    """Escapes have the models' minimum probability, so a long stream will decode some; the
+    distance that follows must be small then, not up to 2**23 coarse bins."""
+    seed = _seed(4000)
+    coder = StackCoder(seed)
+    excess = coder._pop_excess(20000)
+    assert np.median(excess) <= 1 and excess.max() < 2**10
+    coder._push_excess(excess)
+    assert np.array_equal(coder.words(), seed)
+    for value in [0, 1, 2, 3, 4, 5, 1000, 2**22, 2**23 - 1]:
+        fresh = StackCoder(_seed(8))
+        fresh._push_excess(np.array([value]))
+        assert int(fresh._pop_excess(1)[0]) == value

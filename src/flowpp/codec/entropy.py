@@ -8,8 +8,11 @@ and give every symbol of their support at least one count, so a support of ``n``
 about ``n / 2**24`` nats per symbol; coarse bins keep the support small (``2 * WINDOW + 1``)
 whatever the width of the Gaussian. The uniform part is exact for a power-of-two ``m``.
 
-A coarse bin at the edge of the window is an escape: the distance beyond it follows, so a value
-far in a tail is still coded (at a high but finite cost) instead of failing.
+A coarse bin at the edge of the window is an escape: the distance beyond it follows (its bit
+length under a geometric law, then the bits), so a value far in a tail is still coded, at a cost
+that grows with the log of its distance, instead of failing. Under that law a decode that lands
+on an escape (probability about 2**-23 per value, from the models' minimum probability) goes
+only a few coarse bins beyond the window, never astronomically far.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class StackCoder:
         )
         self._gauss = c.stream.model.QuantizedGaussian(-WINDOW, WINDOW)
         self._uniform = c.stream.model.Uniform()
+        self._excess_bits = c.stream.model.Categorical(_EXCESS_BIT_PROBABILITIES, perfect=False)
         self.low_water = self.num_bits()
 
     def num_bits(self) -> int:
@@ -112,9 +116,7 @@ class StackCoder:
             raise CodecError("a value lies too far from its coding distribution to be coded (over 2**23 coarse bins)")
         self.push_uniform(fine, step)
         if escaped.any():
-            self._ans.encode_reverse(
-                excess.astype(np.int32), self._uniform, np.full(excess.size, 1 << _ESCAPE_BITS, np.int32)
-            )
+            self._push_excess(excess)
         symbols = np.clip(coarse, -WINDOW, WINDOW).astype(np.int32)
         self._ans.encode_reverse(symbols, self._gauss, coarse_mean, coarse_std)
 
@@ -125,11 +127,30 @@ class StackCoder:
         coarse = self._ans.decode(self._gauss, coarse_mean, coarse_std).astype(np.int64)
         escaped = np.abs(coarse) >= WINDOW
         if escaped.any():
-            excess = self._ans.decode(self._uniform, np.full(int(escaped.sum()), 1 << _ESCAPE_BITS, np.int32))
-            coarse[escaped] += np.sign(coarse[escaped]) * excess.astype(np.int64)
+            coarse[escaped] += np.sign(coarse[escaped]) * self._pop_excess(int(escaped.sum()))
         fine = self.pop_uniform(step)
         self._after_pop()
         return centre + coarse * step + fine
+
+    def _push_excess(self, excess: np.ndarray) -> None:
+        """Distances beyond the window: bit length b (0 for 0), then the b - 1 bits below the top one."""
+        bits = np.zeros(excess.size, np.int64)
+        nonzero = excess > 0
+        bits[nonzero] = np.floor(np.log2(excess[nonzero])).astype(np.int64) + 1  # exact below 2**53
+        low = excess - np.where(bits > 0, 1 << np.maximum(bits - 1, 0), 0)
+        self.push_uniform(low, np.where(bits > 1, 1 << np.maximum(bits - 1, 0), 1))
+        self._ans.encode_reverse(bits.astype(np.int32), self._excess_bits)
+
+    def _pop_excess(self, count: int) -> np.ndarray:
+        bits = self._ans.decode(self._excess_bits, count).astype(np.int64)
+        top = np.where(bits > 0, 1 << np.maximum(bits - 1, 0), 0)
+        return top + self.pop_uniform(np.where(bits > 1, 1 << np.maximum(bits - 1, 0), 1))
+
+
+# P(bit length b) proportional to 4**-b: a decoded escape lands a few coarse bins out.
+_EXCESS_BIT_PROBABILITIES = np.array([4.0**-b for b in range(_ESCAPE_BITS + 1)]) / sum(
+    4.0**-b for b in range(_ESCAPE_BITS + 1)
+)
 
 
 def _flat(a, dtype) -> np.ndarray:

@@ -49,6 +49,7 @@ __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
 OP_STD = 32.0  # grid steps that each local bits-back Gaussian spans at least
 SCALE_BITS = 12  # precision of the rational scales R/S of the affine maps
+CHUNKS = 4  # pieces of an exact affine map, coded one after the other (see _affine)
 INVERSE_STEPS = 6  # Newton steps per coupling inverse (see _coupling_maps)
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
@@ -192,22 +193,32 @@ class FlowCoder:
         return self._cache[key]
 
     def _affine(self, k: Tensor, num: Tensor, den: Tensor, offset: Tensor, sign: Tensor, forward: bool) -> Tensor:
-        """y' = sign * y * num/den + offset, per element (parameters broadcast over the batch)."""
+        """y' = sign * y * num/den + offset, per element (parameters broadcast over the batch).
+
+        In a few chunks, each decoded and encoded back before the next: what the stack must
+        lend at once (log2 num bits per element) is a chunk's, not the whole tensor's."""
         shape = k.shape
-        num_b, den_b = (torch.broadcast_to(t, shape) for t in (num, den))
+        num_b, den_b, sign_b, offset_b = (
+            np.ascontiguousarray(np.broadcast_to(_np(t), shape)).reshape(-1) for t in (num, den, sign, offset)
+        )
+        values = _np(k).reshape(-1)
+        out = np.empty_like(values)
+        chunks = _chunks(values.size)
         if forward:
-            k = k * torch.broadcast_to(sign, shape)
-            r = torch.from_numpy(self.coder.pop_uniform(_np(num_b))).view(shape)
-            v = k * num_b + r
-            k_out = torch.div(v, den_b, rounding_mode="floor")
-            self.coder.push_uniform(_np(v - k_out * den_b), _np(den_b))
-            return k_out + offset
-        k = k - offset
-        e = torch.from_numpy(self.coder.pop_uniform(_np(den_b))).view(shape)
-        v = k * den_b + e
-        k_in = torch.div(v, num_b, rounding_mode="floor")
-        self.coder.push_uniform(_np(v - k_in * num_b), _np(num_b))
-        return k_in * torch.broadcast_to(sign, shape)
+            values = values * sign_b
+            for c in chunks:
+                v = values[c] * num_b[c] + self.coder.pop_uniform(num_b[c])
+                out[c] = np.floor_divide(v, den_b[c])
+                self.coder.push_uniform(v - out[c] * den_b[c], den_b[c])
+            out += offset_b
+        else:
+            values = values - offset_b
+            for c in reversed(chunks):
+                v = values[c] * den_b[c] + self.coder.pop_uniform(den_b[c])
+                out[c] = np.floor_divide(v, num_b[c])
+                self.coder.push_uniform(v - out[c] * num_b[c], num_b[c])
+            out *= sign_b
+        return torch.from_numpy(out).view(shape)
 
     # --- Pointwise: P L D U ------------------------------------------------------------------------
 
@@ -273,6 +284,11 @@ class FlowCoder:
     def sigmoid_inverse(self, i: Tensor) -> Tensor:
         lo, hi = self._cell_edges(i), self._cell_edges(i + 1)
         return lo + torch.from_numpy(self.coder.pop_uniform(_np(hi - lo))).view(i.shape)
+
+
+def _chunks(n: int) -> list[slice]:
+    size = max(1, -(-n // CHUNKS))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def _ratio(scale: Tensor) -> tuple[Tensor, Tensor]:
