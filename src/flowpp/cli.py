@@ -380,7 +380,12 @@ def _add_compress(sub, parents) -> None:
     c.add_argument("--limit", type=_positive_int, default=None, help="with --data: only the first N images")
     c.add_argument("--out", required=True, help="archive file to write")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
-    c.add_argument("--grid-bits", type=int, default=16, help="precision of the coded values: 2^-N (8..22)")
+    c.add_argument(
+        "--grid-bits",
+        type=int,
+        default=18,
+        help="the flow's values are coded on a grid of 2^-N (8..24; docs/compression.md)",
+    )
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
 
 

@@ -466,7 +466,7 @@ def compress_job(
     download: bool = True,
     device: str = "auto",
     which: str | None = None,
-    grid_bits: int = 16,
+    grid_bits: int = 18,
     force: bool = False,
     progress: bool = True,
 ) -> dict:

@@ -52,7 +52,8 @@ __all__ = [
 
 MAGIC = b"FLOWPPBB"
 FORMAT_VERSION = 1
-DEFAULT_GRID_BITS = 16
+DEFAULT_GRID_BITS = 18  # the main flow's grid, 2**-18 (in logit units and beyond)
+DEFAULT_IMAGE_GRID_BITS = 14  # the grid of the dequantizer and of y = x + u, 2**-14 of a pixel level
 MAX_BATCH = 64
 MAX_HEADER_BYTES = 64 << 20
 MAX_IMAGES = 1 << 24
@@ -128,6 +129,7 @@ def compress(
     names: list[str] | None = None,
     *,
     grid_bits: int = DEFAULT_GRID_BITS,
+    image_bits: int = DEFAULT_IMAGE_GRID_BITS,
     max_batch: int = MAX_BATCH,
     progress=None,
     stats: dict | None = None,
@@ -147,8 +149,8 @@ def compress(
         raise CodecError(f"at most {MAX_IMAGES} images fit one archive, got {x.shape[0]}")
     if names is not None and len(names) != x.shape[0]:
         raise CodecError(f"{len(names)} names for {x.shape[0]} images")
-    if not 8 <= grid_bits <= 22:
-        raise CodecError(f"grid_bits must be in [8, 22], got {grid_bits}")
+    if not 8 <= grid_bits <= 24 or not 8 <= image_bits <= 22:
+        raise CodecError(f"grid_bits must be in [8, 24] and image_bits in [8, 22], got {grid_bits} and {image_bits}")
     model.eval()
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -161,7 +163,7 @@ def compress(
     borrow = None
     while borrow is None:
         noise_words = np.random.default_rng(0).integers(1, 1 << 32, size=trial_words, dtype=np.uint64)
-        trial = FlowCoder(StackCoder(noise_words.astype(np.uint32)), grid_bits, device, dtype)
+        trial = FlowCoder(StackCoder(noise_words.astype(np.uint32)), grid_bits, device, dtype, image_bits)
         try:
             borrow = plan_and_encode(trial, model, x[:1], max_batch=1).borrowed_bits[0]
         except RanDry:
@@ -174,7 +176,7 @@ def compress(
         coder = StackCoder(seed)
         try:
             run = plan_and_encode(
-                FlowCoder(coder, grid_bits, device, dtype), model, x, max_batch=max_batch,
+                FlowCoder(coder, grid_bits, device, dtype, image_bits), model, x, max_batch=max_batch,
                 keep_noise=stats is not None, progress=progress,
             )  # fmt: skip
             break
@@ -192,6 +194,7 @@ def compress(
         },
         "coder": {
             "grid_bits": grid_bits,
+            "image_grid_bits": image_bits,
             "op_std": OP_STD,
             "batches": run.batches,
             "seed_words": int(seed_words),
@@ -266,6 +269,7 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         count, shape, coder = int(images["count"]), [int(s) for s in images["shape"]], header["coder"]
         batches = [int(b) for b in coder["batches"]]
         seed_words, grid_bits = int(coder["seed_words"]), int(coder["grid_bits"])
+        image_bits = int(coder["image_grid_bits"])
         names = images["names"]
     except (ValueError, KeyError, TypeError, zlib.error) as e:
         raise CodecError(f"archive header unreadable: {e}") from None
@@ -281,7 +285,7 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         )
     if sum(batches) != count or any(not 0 < b <= MAX_BATCH for b in batches):
         raise CodecError("archive header's batch sizes do not add up to its image count")
-    if not 0 < seed_words <= declared or not 8 <= grid_bits <= 22:
+    if not 0 < seed_words <= declared or not 8 <= grid_bits <= 24 or not 8 <= image_bits <= 22:
         raise CodecError("archive header's coder settings are out of range")
     if names is not None and (len(names) != count or not all(isinstance(n, str) and _safe_name(n) for n in names)):
         raise CodecError("archive header's image names are not one plain file name per image")
@@ -335,7 +339,8 @@ def decompress(data: bytes, model, *, progress=None) -> Decompressed:
     torch.set_num_threads(int(header["environment"]["threads"]))
     try:
         coder = StackCoder(words)
-        fc = FlowCoder(coder, int(coder_settings["grid_bits"]), param.device, param.dtype)
+        bits = int(coder_settings["grid_bits"]), int(coder_settings["image_grid_bits"])
+        fc = FlowCoder(coder, bits[0], param.device, param.dtype, bits[1])
         parts = []
         for size in reversed(coder_settings["batches"]):
             parts.append(decode_batch(fc, model, size))

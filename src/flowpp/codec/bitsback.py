@@ -39,8 +39,12 @@ def _dequantizer_layers(model):
 @torch.no_grad()
 def encode_batch(fc: FlowCoder, model, x: torch.Tensor) -> torch.Tensor:
     """Push a batch of integer images (B, C, H, W) onto the stack; returns the dequantization
-    noise it used (the dequantizer's Gaussian eps, or u for uniform dequantization)."""
-    step, top = fc.step, 1 << fc.grid_bits
+    noise it used (the dequantizer's Gaussian eps, or u for uniform dequantization).
+
+    The dequantizer and y = x + u live on the images' grid (``fc.input_bits``), the main flow
+    after its logit pre-processing on ``fc.grid_bits``."""
+    dq = fc.input_coder()
+    step, top = dq.step, 1 << dq.grid_bits
     n = x.numel()
     deq = model.dequantizer
     if isinstance(deq, UniformDequantizer):
@@ -50,20 +54,21 @@ def encode_batch(fc: FlowCoder, model, x: torch.Tensor) -> torch.Tensor:
         context = deq.context_net(x.to(fc.dtype))
         k_eps = torch.from_numpy(fc.coder.pop_gaussian(0.0, 1.0 / step, count=n)).view(x.shape)
         noise = k_eps.double() * step
-        k_v = fc.forward(_dequantizer_layers(model), k_eps, context)
-        cell = fc.sigmoid_forward(k_v)
+        k_v = dq.forward(_dequantizer_layers(model), k_eps, context)
+        cell = dq.sigmoid_forward(k_v)
     k_y = x.long() * top + cell
     k_z = fc.forward(model.flow.layers, k_y)
-    fc.coder.push_gaussian(k_z.numpy(), 0.0, 1.0 / step)
+    fc.coder.push_gaussian(k_z.numpy(), 0.0, 1.0 / fc.step)
     return noise
 
 
 @torch.no_grad()
 def decode_batch(fc: FlowCoder, model, count: int) -> torch.Tensor:
     """Pop the last encoded batch of ``count`` images; returns them as int64 (B, C, H, W)."""
-    step, top = fc.step, 1 << fc.grid_bits
+    dq = fc.input_coder()
+    step, top = dq.step, 1 << dq.grid_bits
     latent = (count, *model.latent_shape)
-    k_z = torch.from_numpy(fc.coder.pop_gaussian(0.0, 1.0 / step, count=math.prod(latent))).view(latent)
+    k_z = torch.from_numpy(fc.coder.pop_gaussian(0.0, 1.0 / fc.step, count=math.prod(latent))).view(latent)
     k_y = fc.inverse(model.flow.layers, k_z)
     x, cell = torch.div(k_y, top, rounding_mode="floor"), k_y % top
     if bool((x < 0).any() or (x >= model.config.num_levels).any()):
@@ -74,8 +79,8 @@ def decode_batch(fc: FlowCoder, model, count: int) -> torch.Tensor:
         fc.coder.push_uniform(cell.numpy(), np.full(cell.numel(), top, np.int64))
         return x
     context = deq.context_net(x.to(fc.dtype))
-    k_v = fc.sigmoid_inverse(cell)
-    k_eps = fc.inverse(_dequantizer_layers(model), k_v, context)
+    k_v = dq.sigmoid_inverse(cell)
+    k_eps = dq.inverse(_dequantizer_layers(model), k_v, context)
     fc.coder.push_gaussian(k_eps.numpy(), 0.0, 1.0 / step)
     return x
 

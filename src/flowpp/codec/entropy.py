@@ -24,7 +24,12 @@ from ..errors import FlowppError
 __all__ = ["CodecError", "StackCoder", "COARSE_STD", "WINDOW"]
 
 COARSE_STD = 32.0
-WINDOW = 384  # coarse bins either side of the mean: 12 coarse standard deviations
+# Coarse bins either side of the mean: the first of these at least WINDOW_STDS coarse standard
+# deviations. Each symbol of the window has probability at least 2**-24, so a wider window
+# would be drawn from its far tail (at a loss of tens of bits) far more often than a Gaussian is.
+WINDOWS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192)
+WINDOW_STDS = 6.0
+WINDOW = WINDOWS[-1]
 _ESCAPE_BITS = 23
 _MAX_LEVEL_BITS = 23  # constriction's uniform model holds fewer than 2**24 symbols
 _WIDE_BITS = 20  # uniform sizes above 2**23 are coded as a low part of 20 bits and a high part
@@ -55,7 +60,7 @@ class StackCoder:
         self._ans = (
             c.stream.stack.AnsCoder() if words is None else c.stream.stack.AnsCoder(np.asarray(words, np.uint32))
         )
-        self._gauss = c.stream.model.QuantizedGaussian(-WINDOW, WINDOW)
+        self._families: dict[int, object] = {}
         self._uniform = c.stream.model.Uniform()
         self._excess_bits = c.stream.model.Categorical(_EXCESS_BIT_PROBABILITIES, perfect=False)
         self.low_water = self.num_bits()
@@ -107,30 +112,40 @@ class StackCoder:
         """Encode integers ``values`` under N(mean, std^2) quantized to unit bins (grid units)."""
         values = _flat(values, np.int64)
         centre, step, coarse_mean, coarse_std = _levels(_flat(mean, np.float64), _flat(std, np.float64), values.size)
+        window = _window(coarse_std)
         rest = values - centre
         coarse = rest // step  # floor division: the coarse bin, also for negative offsets
         fine = rest - coarse * step
-        escaped = np.abs(coarse) >= WINDOW
-        excess = np.abs(coarse[escaped]) - WINDOW
+        escaped = np.abs(coarse) >= window
+        excess = np.abs(coarse[escaped]) - window[escaped]
         if excess.size and int(excess.max()) >= (1 << _ESCAPE_BITS):
             raise CodecError("a value lies too far from its coding distribution to be coded (over 2**23 coarse bins)")
         self.push_uniform(fine, step)
         if escaped.any():
             self._push_excess(excess)
-        symbols = np.clip(coarse, -WINDOW, WINDOW).astype(np.int32)
-        self._ans.encode_reverse(symbols, self._gauss, coarse_mean, coarse_std)
+        symbols = np.clip(coarse, -window, window).astype(np.int32)
+        for w, members in _groups(window):
+            self._ans.encode_reverse(symbols[members], self._gauss(w), coarse_mean[members], coarse_std[members])
 
     def pop_gaussian(self, mean: np.ndarray, std: np.ndarray, count: int | None = None) -> np.ndarray:
         """Decode integers under N(mean, std^2) (``mean``/``std`` may be scalars with ``count``)."""
         n = count if count is not None else np.size(mean)
         centre, step, coarse_mean, coarse_std = _levels(_flat(mean, np.float64), _flat(std, np.float64), n)
-        coarse = self._ans.decode(self._gauss, coarse_mean, coarse_std).astype(np.int64)
-        escaped = np.abs(coarse) >= WINDOW
+        window = _window(coarse_std)
+        coarse = np.empty(n, np.int64)
+        for w, members in reversed(_groups(window)):
+            coarse[members] = self._ans.decode(self._gauss(w), coarse_mean[members], coarse_std[members])
+        escaped = np.abs(coarse) >= window
         if escaped.any():
             coarse[escaped] += np.sign(coarse[escaped]) * self._pop_excess(int(escaped.sum()))
         fine = self.pop_uniform(step)
         self._after_pop()
         return centre + coarse * step + fine
+
+    def _gauss(self, window: int):
+        if window not in self._families:
+            self._families[window] = _constriction().stream.model.QuantizedGaussian(-window, window)
+        return self._families[window]
 
     def _push_excess(self, excess: np.ndarray) -> None:
         """Distances beyond the window: bit length b (0 for 0), then the b - 1 bits below the top one."""
@@ -151,6 +166,17 @@ class StackCoder:
 _EXCESS_BIT_PROBABILITIES = np.array([4.0**-b for b in range(_ESCAPE_BITS + 1)]) / sum(
     4.0**-b for b in range(_ESCAPE_BITS + 1)
 )
+
+
+def _window(coarse_std: np.ndarray) -> np.ndarray:
+    ladder = np.asarray(WINDOWS, np.int64)
+    index = np.searchsorted(ladder, np.ceil(WINDOW_STDS * coarse_std), side="left")
+    return ladder[np.minimum(index, ladder.size - 1)]
+
+
+def _groups(window: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(window, indices) for each window in use, in increasing order of window."""
+    return [(int(w), np.flatnonzero(window == w)) for w in np.unique(window)]
 
 
 def _flat(a, dtype) -> np.ndarray:

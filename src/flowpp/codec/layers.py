@@ -6,11 +6,10 @@ its output while the net change of the stack is the layer's -log|det| (in bits, 
 overheads); "inverse" (decompression) undoes exactly that, in reverse order.
 
 - Volume-preserving rearrangements (splits, swap, squeeze) move indices: free and exact.
-- A constant elementwise affine map (Norm, and the diagonal of Pointwise) is coded exactly with
-  integer arithmetic: y' = floor((y R + r) / S) with R/S close to the scale, r decoded uniformly
-  from the stack and the remainder encoded back (iFlow's modular scale transform).
+- A constant elementwise affine map (Norm, and the diagonal of Pointwise) uses local bits-back
+  with Gaussians (below), which is exact for a linear map.
 - Pointwise's channel mixing is factored as P L D U (LU with pivoting): the unit-triangular
-  factors are integer shears (free), D is the affine case above.
+  factors are integer shears (free and exact), D is the affine case above.
 - A nonlinear elementwise map f (logit pre-processing, the couplings given their conditioning
   half) uses local bits-back with Gaussians: decode y' ~ N(f(y), (sigma f'(y))^2), then encode y
   under N(f^-1(y'), sigma^2). The net cost is -log f'(y) plus an error that shrinks with sigma;
@@ -47,10 +46,9 @@ from .entropy import CodecError, StackCoder
 
 __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
-OP_STD = 32.0  # grid steps that each local bits-back Gaussian spans at least
-SCALE_BITS = 12  # precision of the rational scales R/S of the affine maps
-CHUNKS = 4  # pieces of an exact affine map, coded one after the other (see _affine)
-INVERSE_STEPS = 6  # Newton steps per coupling inverse (see _coupling_maps)
+OP_STD = 8.0  # grid steps that each local bits-back Gaussian spans at least
+CHUNKS = 8  # pieces of a constant affine map, coded one after the other (see _affine)
+INVERSE_STEPS = 12  # Newton steps per coupling inverse (see _coupling_maps)
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
 
@@ -62,13 +60,22 @@ def _np(t: Tensor) -> np.ndarray:
 class FlowCoder:
     """Codes grid indices through a list of flow layers (with a context for the dequantizer's)."""
 
-    def __init__(self, coder: StackCoder, grid_bits: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, coder: StackCoder, grid_bits: int, device: torch.device, dtype: torch.dtype, input_bits: int | None = None
+    ):
         self.coder = coder
         self.grid_bits = grid_bits
+        self.input_bits = grid_bits if input_bits is None else input_bits  # the grid of the images' y = x + u
         self.step = 2.0**-grid_bits
         self.device = device
         self.dtype = dtype  # the networks' dtype; the elementwise maps run in float64
         self._cache: dict[int, object] = {}
+
+    def input_coder(self) -> "FlowCoder":
+        """A coder on the same stack for the images' grid: the dequantizer and its noise."""
+        if self.input_bits == self.grid_bits:
+            return self
+        return FlowCoder(self.coder, self.input_bits, self.device, self.dtype)
 
     # --- walking the layers ----------------------------------------------------------------
 
@@ -94,7 +101,7 @@ class FlowCoder:
         if isinstance(layer, Pointwise):
             return self._per_part(k, forward, lambda p, i: self._pointwise(p, layer, i, forward))
         if isinstance(layer, LogitPreprocess):
-            return self._elementwise(k, *self._logit_maps(layer), forward)
+            return self._elementwise(k, *self._logit_maps(layer), forward, bits_in=self.input_bits)
         if isinstance(layer, (MixtureLogisticCoupling, AffineCoupling)):
             k_c, k_e = k
             maps = self._coupling_maps(layer, k_c, context)
@@ -113,26 +120,39 @@ class FlowCoder:
 
     # --- nonlinear elementwise maps: local bits-back with Gaussians ---------------------------
 
-    def _spread(self, log_slope: Tensor) -> Tensor:
-        """sigma in grid steps of the input: OP_STD, or wider where f compresses (f' < 1),
-        so that f's output Gaussian (sigma f') still spans OP_STD steps."""
-        return OP_STD * torch.exp(torch.clamp(-log_slope, min=0.0, max=60.0))
+    @staticmethod
+    def _spread(log_slope: Tensor, bits_in: int, bits_out: int) -> Tensor:
+        """sigma in grid steps of the input: OP_STD, or wider where f shrinks a step of the
+        input grid below a step of the output grid, so that f's output Gaussian (sigma f')
+        still spans OP_STD steps of its own grid."""
+        shrink = bits_in - bits_out - log_slope / math.log(2)  # log2(step_out / (f' step_in))
+        return OP_STD * torch.exp2(torch.clamp(shrink, min=0.0, max=80.0))
 
-    def _elementwise(self, k: Tensor, f, f_inv, forward: bool) -> Tensor:
-        step = self.step
+    def _elementwise(self, k: Tensor, f, f_inv, forward: bool, bits_in: int | None = None) -> Tensor:
+        """Local bits-back through y' = f(y) elementwise; the input may lie on a coarser grid
+        (``bits_in``) than the output (this coder's): the logit pre-processing, whose outputs
+        are about 70 times closer together than its inputs."""
+        bits_in = self.grid_bits if bits_in is None else bits_in
+        bits_out = self.grid_bits
+        step_in, step_out = 2.0**-bits_in, 2.0**-bits_out
+
+        def out_std(spread, log_slope):  # sigma f' in output steps
+            return spread * torch.exp(log_slope) * (step_in / step_out)
+
         if forward:
-            fy, log_slope = f(k.double() * step)
-            spread = self._spread(log_slope)
-            out = self.coder.pop_gaussian(_np(fy / step), _np(spread * torch.exp(log_slope)))
+            fy, log_slope = f(k.double() * step_in)
+            spread = self._spread(log_slope, bits_in, bits_out)
+            out = self.coder.pop_gaussian(_np(fy / step_out), _np(out_std(spread, log_slope)))
             k_out = torch.from_numpy(out).view(k.shape).to(k.device)
-            back, log_slope_back = f_inv(k_out.double() * step)
-            self.coder.push_gaussian(_np(k), _np(back / step), _np(self._spread(log_slope_back)))
+            back, log_slope_back = f_inv(k_out.double() * step_out)
+            self.coder.push_gaussian(_np(k), _np(back / step_in), _np(self._spread(log_slope_back, bits_in, bits_out)))
             return k_out
-        back, log_slope_back = f_inv(k.double() * step)
-        out = self.coder.pop_gaussian(_np(back / step), _np(self._spread(log_slope_back)))
+        back, log_slope_back = f_inv(k.double() * step_out)
+        out = self.coder.pop_gaussian(_np(back / step_in), _np(self._spread(log_slope_back, bits_in, bits_out)))
         k_in = torch.from_numpy(out).view(k.shape).to(k.device)
-        fy, log_slope = f(k_in.double() * step)
-        self.coder.push_gaussian(_np(k), _np(fy / step), _np(self._spread(log_slope) * torch.exp(log_slope)))
+        fy, log_slope = f(k_in.double() * step_in)
+        spread = self._spread(log_slope, bits_in, bits_out)
+        self.coder.push_gaussian(_np(k), _np(fy / step_out), _np(out_std(spread, log_slope)))
         return k_in
 
     def _logit_maps(self, layer: LogitPreprocess):
@@ -181,44 +201,47 @@ class FlowCoder:
 
         return f, f_inv
 
-    # --- constant affine maps: exact integer scaling ---------------------------------------------
+    # --- constant affine maps -------------------------------------------------------------------
 
     def _norm_params(self, layer: ElementwiseNorm, part: int):
         key = (id(layer), part)
         if key not in self._cache:
             g = layer.scales[part].detach().double().clamp_min(1e-10).cpu()
             b = layer.biases[part].detach().double().cpu()
-            num, den = _ratio(g)
-            self._cache[key] = (num, den, torch.round(b / self.step).long(), torch.ones_like(num))
+            self._cache[key] = (g, b, torch.ones_like(g, dtype=torch.long))
         return self._cache[key]
 
-    def _affine(self, k: Tensor, num: Tensor, den: Tensor, offset: Tensor, sign: Tensor, forward: bool) -> Tensor:
-        """y' = sign * y * num/den + offset, per element (parameters broadcast over the batch).
+    def _affine(self, k: Tensor, scale: Tensor, offset: Tensor, sign: Tensor, forward: bool) -> Tensor:
+        """y' = scale * (sign * y) + offset per element (scale > 0, parameters broadcast over the
+        batch), by local bits-back with Gaussians, which is exact for a linear map: no rational
+        approximation of the scale, whose error a large Norm scale would blow up.
 
-        In a few chunks, each decoded and encoded back before the next: what the stack must
-        lend at once (log2 num bits per element) is a chunk's, not the whole tensor's."""
-        shape = k.shape
-        num_b, den_b, sign_b, offset_b = (
-            np.ascontiguousarray(np.broadcast_to(_np(t), shape)).reshape(-1) for t in (num, den, sign, offset)
+        In chunks, each decoded and encoded back before the next, so that the stack lends a
+        chunk's worth of bits at a time rather than the whole tensor's."""
+        shape, step = k.shape, self.step
+        scale_b, offset_b, sign_b = (
+            np.ascontiguousarray(np.broadcast_to(_np(t), shape)).reshape(-1) for t in (scale, offset, sign)
         )
         values = _np(k).reshape(-1)
         out = np.empty_like(values)
+        # sigma spans OP_STD grid steps on the narrower side, as in _elementwise.
+        in_std = OP_STD * np.maximum(1.0, 1.0 / scale_b)
+        out_std = in_std * scale_b
         chunks = _chunks(values.size)
         if forward:
             values = values * sign_b
             for c in chunks:
-                v = values[c] * num_b[c] + self.coder.pop_uniform(num_b[c])
-                out[c] = np.floor_divide(v, den_b[c])
-                self.coder.push_uniform(v - out[c] * den_b[c], den_b[c])
-            out += offset_b
-        else:
-            values = values - offset_b
-            for c in reversed(chunks):
-                v = values[c] * den_b[c] + self.coder.pop_uniform(den_b[c])
-                out[c] = np.floor_divide(v, num_b[c])
-                self.coder.push_uniform(v - out[c] * num_b[c], num_b[c])
-            out *= sign_b
-        return torch.from_numpy(out).view(shape)
+                mean = (scale_b[c] * (values[c] * step) + offset_b[c]) / step
+                out[c] = self.coder.pop_gaussian(mean, out_std[c])
+                back = ((out[c] * step - offset_b[c]) / scale_b[c]) / step
+                self.coder.push_gaussian(values[c], back, in_std[c])
+            return torch.from_numpy(out).view(shape)
+        for c in reversed(chunks):
+            back = ((values[c] * step - offset_b[c]) / scale_b[c]) / step
+            out[c] = self.coder.pop_gaussian(back, in_std[c])
+            mean = (scale_b[c] * (out[c] * step) + offset_b[c]) / step
+            self.coder.push_gaussian(values[c], mean, out_std[c])
+        return torch.from_numpy(out * sign_b).view(shape)
 
     # --- Pointwise: P L D U ------------------------------------------------------------------------
 
@@ -229,19 +252,18 @@ class FlowCoder:
             perm, lower, upper = torch.linalg.lu(layer.weights[part].detach().double().cpu().T)
             d = torch.diagonal(upper).clone()
             unit_upper = upper / d[:, None]
-            num, den = _ratio(d.abs())
             sign = torch.where(d < 0, -1, 1).long()
             order = perm.argmax(dim=1)  # y[a] = t[order[a]]
             view = (-1, 1, 1)
-            self._cache[key] = (unit_upper, lower, num.view(view), den.view(view), sign.view(view), order)
-        unit_upper, lower, num, den, sign, order = self._cache[key]
+            self._cache[key] = (unit_upper, lower, d.abs().view(view), sign.view(view), order)
+        unit_upper, lower, scale, sign, order = self._cache[key]
         channels = k.shape[1]
-        zero = torch.zeros((), dtype=torch.long)
+        zero = torch.zeros((), dtype=torch.float64)
         if forward:
             k = k.clone()
             for i in range(channels):
                 k[:, i] += _shear(k[:, i + 1 :], unit_upper[i, i + 1 :])
-            k = self._affine(k, num, den, zero, sign, True)
+            k = self._affine(k, scale, zero, sign, True)
             for i in reversed(range(channels)):
                 k[:, i] += _shear(k[:, :i], lower[i, :i])
             return k[:, order]
@@ -249,7 +271,7 @@ class FlowCoder:
         t[:, order] = k
         for i in range(channels):
             t[:, i] -= _shear(t[:, :i], lower[i, :i])
-        t = self._affine(t, num, den, zero, sign, False)
+        t = self._affine(t, scale, zero, sign, False)
         for i in reversed(range(channels)):
             t[:, i] -= _shear(t[:, i + 1 :], unit_upper[i, i + 1 :])
         return t
@@ -289,16 +311,6 @@ class FlowCoder:
 def _chunks(n: int) -> list[slice]:
     size = max(1, -(-n // CHUNKS))
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def _ratio(scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Integers (R, S) with R/S close to ``scale``; the uniform one decoded (R) is at most
-    2**SCALE_BITS so that constriction's 24-bit uniform model stays close to uniform."""
-    one = 1 << SCALE_BITS
-    up = scale >= 1
-    num = torch.where(up, torch.full_like(scale, one), torch.round(scale * one).clamp(1, one)).long()
-    den = torch.where(up, torch.round(one / scale).clamp(1, one), torch.full_like(scale, one)).long()
-    return num, den
 
 
 def _shear(others: Tensor, coefficients: Tensor) -> Tensor:
