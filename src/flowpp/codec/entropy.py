@@ -78,6 +78,8 @@ class StackCoder:
 
     def push_uniform(self, values: np.ndarray, sizes: np.ndarray) -> None:
         values, sizes = _flat(values, np.int64), _flat(sizes, np.int64)
+        if sizes.size == 0 or sizes.max() < 2:  # nothing to code: every value is 0
+            return
         wide = sizes > (1 << _MAX_LEVEL_BITS)
         narrow = ~wide & (sizes >= 2)
         # Pushed in the reverse of the order pop reads them: wide low parts, wide high parts, narrow.
@@ -94,6 +96,8 @@ class StackCoder:
     def pop_uniform(self, sizes: np.ndarray) -> np.ndarray:
         sizes = _flat(sizes, np.int64)
         out = np.zeros(sizes.size, np.int64)
+        if sizes.size == 0 or sizes.max() < 2:
+            return out
         wide = sizes > (1 << _MAX_LEVEL_BITS)
         narrow = ~wide & (sizes >= 2)
         if narrow.any():
@@ -168,15 +172,23 @@ _EXCESS_BIT_PROBABILITIES = np.array([4.0**-b for b in range(_ESCAPE_BITS + 1)])
 )
 
 
+_LADDER = np.asarray(WINDOWS, np.int64)
+
+
 def _window(coarse_std: np.ndarray) -> np.ndarray:
-    ladder = np.asarray(WINDOWS, np.int64)
-    index = np.searchsorted(ladder, np.ceil(WINDOW_STDS * coarse_std), side="left")
-    return ladder[np.minimum(index, ladder.size - 1)]
+    index = np.searchsorted(_LADDER, np.ceil(WINDOW_STDS * coarse_std), side="left")
+    return _LADDER[np.minimum(index, _LADDER.size - 1)]
 
 
 def _groups(window: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(window, indices) for each window in use, in increasing order of window."""
-    return [(int(w), np.flatnonzero(window == w)) for w in np.unique(window)]
+    first = window[0] if window.size else 0
+    if window.size == 0 or (window == first).all():  # the common case: one window for all
+        return [(int(first), np.arange(window.size))] if window.size else []
+    order = np.argsort(window, kind="stable")
+    values, starts = np.unique(window[order], return_index=True)
+    ends = list(starts[1:]) + [window.size]
+    return [(int(w), order[a:b]) for w, a, b in zip(values, starts, ends)]
 
 
 def _flat(a, dtype) -> np.ndarray:

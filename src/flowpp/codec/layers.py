@@ -47,8 +47,9 @@ from .entropy import CodecError, StackCoder
 __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
 OP_STD = 8.0  # grid steps that each local bits-back Gaussian spans at least
-CHUNKS = 8  # pieces of a constant affine map, coded one after the other (see _affine)
-INVERSE_STEPS = 12  # Newton steps per coupling inverse (see _coupling_maps)
+CHUNKS = 4  # pieces of a constant affine map, coded one after the other (see _affine)
+INVERSE_STEPS = 12  # Newton steps per coupling inverse at most (see _coupling_maps)
+INVERSE_CHECK = 3
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
 
@@ -97,7 +98,7 @@ class FlowCoder:
         if isinstance(layer, Inverse):
             raise CodecError(f"cannot code the inverse of a {type(inner).__name__} layer")
         if isinstance(layer, ElementwiseNorm):
-            return self._per_part(k, forward, lambda p, i: self._affine(p, *self._norm_params(layer, i), forward))
+            return self._norm(layer, k, forward)
         if isinstance(layer, Pointwise):
             return self._per_part(k, forward, lambda p, i: self._pointwise(p, layer, i, forward))
         if isinstance(layer, LogitPreprocess):
@@ -190,12 +191,12 @@ class FlowCoder:
             return torch.exp(s) * logit_cdf + t, log_slope + s
 
         def f_inv(z):
-            # A fixed number of safeguarded Newton steps, without convergence checks: the mean of
-            # a Gaussian needs no more precision than a small fraction of its spread, and the
-            # slope of the last step serves as f' (any function of z both sides compute works).
+            # Safeguarded Newton, at most INVERSE_STEPS steps, stopping early only at a checkpoint
+            # every INVERSE_CHECK steps (both sides stop at the same one: same inputs). The slope
+            # of the last step serves as f' (any function of z both sides compute works).
             y, log_slope = mixture_inverse_logit_cdf(
                 (z - t) * torch.exp(-s), logits, means, log_scales,
-                max_iters=INVERSE_STEPS, check_every=INVERSE_STEPS + 1, with_log_slope=True,
+                max_iters=INVERSE_STEPS, check_every=INVERSE_CHECK, with_log_slope=True,
             )  # fmt: skip
             return y, log_slope + s
 
@@ -203,13 +204,17 @@ class FlowCoder:
 
     # --- constant affine maps -------------------------------------------------------------------
 
-    def _norm_params(self, layer: ElementwiseNorm, part: int):
-        key = (id(layer), part)
+    def _norm(self, layer: ElementwiseNorm, k, forward: bool):
+        """Both halves in one call: they have the same shape (their parameters are stacked)."""
+        key = id(layer)
         if key not in self._cache:
-            g = layer.scales[part].detach().double().clamp_min(1e-10).cpu()
-            b = layer.biases[part].detach().double().cpu()
-            self._cache[key] = (g, b, torch.ones_like(g, dtype=torch.long))
-        return self._cache[key]
+            g = torch.stack([s.detach().double().clamp_min(1e-10).cpu() for s in layer.scales])
+            b = torch.stack([s.detach().double().cpu() for s in layer.biases])
+            self._cache[key] = (g[:, None], b[:, None], torch.ones((), dtype=torch.long))
+        scale, offset, sign = self._cache[key]
+        parts = k if isinstance(k, tuple) else (k,)
+        out = self._affine(torch.stack(parts), scale, offset, sign, forward)
+        return tuple(out.unbind(0)) if isinstance(k, tuple) else out[0]
 
     def _affine(self, k: Tensor, scale: Tensor, offset: Tensor, sign: Tensor, forward: bool) -> Tensor:
         """y' = scale * (sign * y) + offset per element (scale > 0, parameters broadcast over the
