@@ -252,6 +252,11 @@ def test_bench_codecs_measures_every_classical_codec_and_the_models_bound(tmp_pa
     best = min(min(r["bits_per_dim"], r["mosaic_bits_per_dim"]) for r in codecs.values())
     assert min(codecs[result["best_classical"]][k] for k in ("bits_per_dim", "mosaic_bits_per_dim")) == best
     assert 0 < result["model_bound_bpd"] < 20
+    row = result["flowpp"]  # the archive decoded to the images' pixels, or main would have stopped
+    assert row["bits_per_dim"] == pytest.approx(8 * row["bytes"] / (8 * 8 * 8 * 3))
+    assert row["bits_per_dim"] > row["coded_images_bpd"] > 0 and row["seed_bits"] >= row["first_image_borrow_bits"]
+    assert set(row["archives"]) == {"1", "8"} and row["archives"]["8"]["bytes"] == row["bytes"]
+    assert row["compress_vs_loglik"] > 0 and row["decompress_vs_loglik"] > 0
 
 
 def test_bench_codecs_refuses_a_codec_that_does_not_give_the_pixels_back():
