@@ -373,6 +373,7 @@ def _add_compress(sub, parents) -> None:
         "(uint8 N,H,W,C) or a dataset split become one archive, about the model's bits/dim in size. "
         "Decompressing needs the same model, flowpp and torch versions, and the same kind of machine.",
     )
+    c.set_defaults(device="cpu")  # the coder runs on the CPU
     c.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
     c.add_argument("images", nargs="*", help="PNG files, or one .npz file with key 'x'")
     c.add_argument("--data", default=None, help=f"DATASET instead of files: {_DATASETS_HELP}")
@@ -402,7 +403,7 @@ def _add_decompress(sub, parents) -> None:
     d.add_argument("archive", help="archive file")
     d.add_argument("--run", required=True, help="the run directory or exported file that compressed it")
     d.add_argument("--out", required=True, help="folder to write the images into")
-    d.add_argument("--device", default=None, help="default: the kind of device the archive was written on")
+    d.add_argument("--device", default="cpu", help="cpu: the coder runs on the CPU")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
 
 

@@ -464,7 +464,7 @@ def compress_job(
     limit: int | None = None,
     data_dir: str | None = None,
     download: bool = True,
-    device: str = "auto",
+    device: str = "cpu",
     which: str | None = None,
     grid_bits: int = 18,
     force: bool = False,
@@ -499,7 +499,7 @@ def compress_job(
 
 
 def decompress_job(
-    *, archive: str, out: str, run: str, device: str | None = None, which: str | None = None, progress: bool = True
+    *, archive: str, out: str, run: str, device: str = "cpu", which: str | None = None, progress: bool = True
 ) -> list[Path]:
     """Decode an archive with the run's model and write its images into the folder ``out``."""
     from .codec import decompress
@@ -512,8 +512,6 @@ def decompress_job(
     from .codec import read_header
 
     header, _ = read_header(data)  # a damaged archive is refused before the model is loaded
-    if device is None:
-        device = header["environment"]["device"].split(":")[0]
     model, info, _ = _load(run, device, False, which)
     with _progress_bar(header["images"]["count"], progress, "decompress") as bar:
         result = decompress(data, model, progress=bar)

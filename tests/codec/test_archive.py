@@ -183,3 +183,18 @@ def test_bad_inputs_are_refused(tiny_model, single_thread):
     with pytest.raises(CodecError, match="grid_bits"):
         compress(tiny_model, x, grid_bits=40)
     json.dumps(read_header(compress(tiny_model, x[:1]))[0])  # the header is plain JSON
+
+
+def test_a_model_off_the_cpu_is_refused(tiny_model, archive, monkeypatch):
+    _, data, _ = archive
+    from flowpp.codec import archive as archive_module
+
+    def not_cpu(device):
+        real_check(torch.device("meta"))
+
+    real_check = archive_module._check_cpu
+    monkeypatch.setattr(archive_module, "_check_cpu", not_cpu)
+    with pytest.raises(CodecError, match="runs on the CPU"):
+        decompress(data, tiny_model)
+    with pytest.raises(CodecError, match="runs on the CPU"):
+        compress(tiny_model, _images(tiny_model.config, 1))

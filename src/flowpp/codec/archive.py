@@ -154,6 +154,7 @@ def compress(
     model.eval()
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    _check_cpu(device)
     x = x.long()
     digest, per_image = _image_digests(x)
 
@@ -210,6 +211,13 @@ def compress(
             noise=torch.cat(run.noise) if run.noise else None,
         )  # fmt: skip
     return _pack(header, words)
+
+
+def _check_cpu(device: torch.device) -> None:
+    # The coder's arithmetic runs on the CPU; the networks would have to move their results
+    # there at every layer, which has not been built or measured on a GPU.
+    if device.type != "cpu":
+        raise CodecError(f"compression runs on the CPU; the model is on {device} (use --device cpu, or model.cpu())")
 
 
 def _as_nchw(images) -> torch.Tensor:
@@ -332,6 +340,7 @@ def decompress(data: bytes, model, *, progress=None) -> Decompressed:
     header, words = read_header(data)
     check_model(header, model)
     param = next(model.parameters())
+    _check_cpu(param.device)
     check_environment(header, param.device)
     coder_settings = header["coder"]
     model.eval()
