@@ -114,6 +114,7 @@ def mixture_inverse_logit_cdf(
     max_iters: int | None = None,
     check_every: int = 4,
     with_log_slope: bool = False,
+    tolerance: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Solve ``logit F(x) = target_logit`` for x, elementwise.
 
@@ -125,7 +126,9 @@ def mixture_inverse_logit_cdf(
 
     Working in the logit domain keeps targets at F = 1e-30 or 1 - 1e-12 exactly representable.
     ``with_log_slope`` also returns log d/dx logit F at the last point evaluated (the root, up to
-    the last step), which the iteration has computed anyway.
+    the last step), which the iteration has computed anyway. ``tolerance``: also stop refining
+    an element once its step is at most this (absolute), for callers that need less than full
+    precision.
     """
     dtype = target_logit.dtype
     eps = torch.finfo(dtype).eps
@@ -159,7 +162,7 @@ def mixture_inverse_logit_cdf(
         x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
         step_before, step = step, x_next - x
         # Relative tolerance, so that a root near 0 is found to full relative precision too.
-        tol = 4 * eps * x_next.abs() + 1e-30
+        tol = torch.clamp(4 * eps * x_next.abs() + 1e-30, min=tolerance)
         done = done | (step.abs() <= tol) | (hi - lo <= tol)
         x = x_next
         if (it + 1) % check_every == 0 and bool(done.all()):

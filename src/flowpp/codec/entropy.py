@@ -27,7 +27,7 @@ COARSE_STD = 32.0
 # Coarse bins either side of the mean: the first of these at least WINDOW_STDS coarse standard
 # deviations. Each symbol of the window has probability at least 2**-24, so a wider window
 # would be drawn from its far tail (at a loss of tens of bits) far more often than a Gaussian is.
-WINDOWS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192)
+WINDOWS = (8, 16, 32, 48, 64, 96, 128, 192)
 WINDOW_STDS = 6.0
 WINDOW = WINDOWS[-1]
 _ESCAPE_BITS = 23

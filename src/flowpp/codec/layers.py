@@ -49,7 +49,8 @@ __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 OP_STD = 8.0  # grid steps that each local bits-back Gaussian spans at least
 CHUNKS = 4  # pieces of a constant affine map, coded one after the other (see _affine)
 INVERSE_STEPS = 12  # Newton steps per coupling inverse at most (see _coupling_maps)
-INVERSE_CHECK = 3
+INVERSE_CHECK = 2
+INVERSE_TOLERANCE = 0.03  # grid steps: after a Newton step this small the error is its square, far below that
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
 
@@ -197,6 +198,7 @@ class FlowCoder:
             y, log_slope = mixture_inverse_logit_cdf(
                 (z - t) * torch.exp(-s), logits, means, log_scales,
                 max_iters=INVERSE_STEPS, check_every=INVERSE_CHECK, with_log_slope=True,
+                tolerance=INVERSE_TOLERANCE * 2.0**-self.grid_bits,
             )  # fmt: skip
             return y, log_slope + s
 
