@@ -507,3 +507,26 @@ def test_inverse_cdf_property_float64(mix, us):
     x = M.mixture_inverse_cdf(u, logits, means, log_scales)
     _, ratio = inverse_errors(torch.logit(u), logits, means, log_scales, x, abs_slack=SOLVER_ABS_SLACK)
     assert ratio.max() <= 64, ratio
+
+
+def test_inverse_can_return_its_slope_and_stop_at_a_coarser_tolerance():
+    """What the bits-back codec asks of the inverse: the slope at the root (computed anyway) and
+    a result no more precise than it needs."""
+    import torch
+
+    from flowpp.mixture import mixture_inverse_logit_cdf, mixture_logit_cdf
+
+    g = torch.Generator().manual_seed(0)
+    shape = (64, 5)
+    logits, means = (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )
+    log_scales = torch.randn(shape, generator=g, dtype=torch.float64) - 1
+    target = 3 * torch.randn(64, generator=g, dtype=torch.float64)
+    exact = mixture_inverse_logit_cdf(target, logits, means, log_scales)
+    x, log_slope = mixture_inverse_logit_cdf(target, logits, means, log_scales, with_log_slope=True)
+    assert torch.equal(x, exact)
+    assert torch.allclose(log_slope, mixture_logit_cdf(x, logits, means, log_scales)[1], atol=1e-6)
+    rough = mixture_inverse_logit_cdf(target, logits, means, log_scales, tolerance=1e-6, check_every=1)
+    assert (rough - exact).abs().max() < 1e-6
