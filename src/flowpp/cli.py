@@ -12,145 +12,17 @@ import io
 import os
 import sys
 
-from .data.registry import help_text as _named_datasets_help
-
-__all__ = ["main", "build_parser"]
-
-_DATASETS_HELP = (
-    f"{_named_datasets_help()}, a path to an .npz file (x_train, x_test, optional x_valid; uint8 NHWC) or a "
-    "folder of PNG images"
+from .cli_values import (
+    DATASETS_HELP,
+    Formatter,
+    add_settings,
+    option_groups,
+    parse_override,
+    positive_int,
+    thread_count,
 )
 
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults, except where the help already says it, or where the default is None or a flag's."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default in (None, []) or isinstance(action.default, bool) or action.nargs == 0:
-            return text
-        return super()._get_help_string(action)
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    from .configs import parse_override
-    from .errors import ConfigError
-
-    try:
-        return parse_override(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(f"--set: {e}") from None
-
-
-# Counts a user types are bounded where the libraries underneath take 64-bit (or smaller) integers:
-# 10^20 must be one line, not an OverflowError from PyTorch.
-LARGEST_COUNT = 10**15
-MOST_THREADS = 4096
-LARGEST_SEED = 2**32 - 1
-
-
-def _whole_number(text: str, low: int, high: int) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not low <= v <= high:
-        raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high:,}, got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    return _whole_number(text, 1, LARGEST_COUNT)
-
-
-def _threads(text: str) -> int | str:
-    return "auto" if text.strip().lower() == "auto" else _whole_number(text, 1, MOST_THREADS)
-
-
-def _seed(text: str) -> int:
-    return _whole_number(text, 0, LARGEST_SEED)
-
-
-def _minutes(text: str, allow_zero: bool = False) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
-    if not ((v > 0 or (allow_zero and v == 0)) and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a {'non-negative' if allow_zero else 'positive'} number of "
-                                         f"minutes, got {text}")  # fmt: skip
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def _ratio_or_off(text: str) -> float | None:
-    """A factor above 1, or 'off'."""
-    if text.strip().lower() == "off":
-        return None
-    v = _positive_float(text)
-    if v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a factor above 1 (or 'off'), got {text}")
-    return v
-
-
-def _minutes_or_off(text: str) -> float:
-    """Minutes between events; 0 turns them off."""
-    return _minutes(text, allow_zero=True)
-
-
-def _parents() -> dict[str, argparse.ArgumentParser]:
-    """Option groups that several commands share, each declared once."""
-    runtime = argparse.ArgumentParser(add_help=False)
-    g = runtime.add_argument_group("device")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument(
-        "--threads",
-        type=_threads,
-        default=None,
-        help="CPU threads for PyTorch, or 'auto' (default: train adapts between all cores and one to the "
-        "machine's load, as 'auto' does; the other commands take PyTorch's choice)",
-    )
-    seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=_seed, default=0, help="random seed (noise, data order, dropout, samples)")
-    compiled = argparse.ArgumentParser(add_help=False)
-    compiled.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the conditioner networks first: faster over many images, after the "
-        "first batch of each shape compiles (needs a C++ compiler on CPU)",
-    )
-    which = argparse.ArgumentParser(add_help=False)
-    which.add_argument("--weights", dest="which", default=None, choices=["best", "last"],
-                       help="the run's best model (best.pt, the best validation so far) or its newest checkpoint "
-                            "(default: best when the run has one)")  # fmt: skip
-    data = argparse.ArgumentParser(add_help=False)
-    g = data.add_argument_group("data")
-    g.add_argument(
-        "--data-dir", default=None, help="where named datasets live (default: $FLOWPP_DATA_DIR or ~/.cache/flowpp/data)"
-    )
-    g.add_argument(
-        "--no-download", dest="download", action="store_false", help="never download; fail if files are missing"
-    )
-    g.add_argument(
-        "--prepare",
-        dest="prepared",
-        action="store_true",
-        default=None,
-        help="also prepare an .npz file or PNG folder: decoded once into memory-mapped arrays under "
-        "DATA_DIR/prepared (named datasets always are, on first use; a current preparation made before, "
-        "e.g. by flowpp prepare, is used without this)",
-    )
-    g.add_argument("--no-prepare", dest="prepared", action="store_false", help="read the data into memory, unprepared")
-    return dict(runtime=runtime, seed=seed, compile=compiled, data=data, which=which)
+__all__ = ["main", "build_parser"]
 
 
 def _add_train(sub, parents) -> None:
@@ -159,7 +31,7 @@ def _add_train(sub, parents) -> None:
 
     t = sub.add_parser(
         "train",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="train a model into a run directory",
         parents=[parents["data"], parents["runtime"], parents["seed"]],
         description="Train a Flow++ model. Writes config.json, settings.json, metrics.csv, "
@@ -174,7 +46,7 @@ def _add_train(sub, parents) -> None:
     g.add_argument(
         "--data",
         default=None,
-        help=f"DATASET: {_DATASETS_HELP} (default: the config's name when it is a dataset; with --resume, the run's)",
+        help=f"DATASET: {DATASETS_HELP} (default: the config's name when it is a dataset; with --resume, the run's)",
     )
     g.add_argument(
         "--valid-split",
@@ -198,12 +70,12 @@ def _add_train(sub, parents) -> None:
         dest="overrides",
         action="append",
         default=[],
-        type=_parse_override,
+        type=parse_override,
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set filters=64 --set dropout=0.1 (repeatable)",
     )
     optimisation = t.add_argument_group("optimisation")
-    optimisation.add_argument("--batch-size", type=_positive_int, default=None,
+    optimisation.add_argument("--batch-size", type=positive_int, default=None,
                               help="global batch (default: the config's)")  # fmt: skip
     optimisation.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
     output = t.add_argument_group("evaluation, checkpoints and output")
@@ -211,47 +83,21 @@ def _add_train(sub, parents) -> None:
     output.add_argument("--dry-run", action="store_true", help="print the resolved config and settings, then exit")
     output.add_argument(
         "--procs",
-        type=_threads,
+        type=thread_count,
         default=1,
         help="CPU training processes (DDP on gloo, started by flowpp; each with --threads threads, default 1). "
         "auto: one more than the cores (docs/performance.md: next to a busy process they keep their speed "
         "whatever the threads' scaling, at some cost on an idle machine); never more than 1 on a GPU or under "
         "torchrun",
     )
-    _add_settings(TrainSettings, {optimisation.title: optimisation, output.title: output})
-
-
-# How each kind of setting (flowpp.training.settings.Option.kind) is parsed.
-_SETTING_KINDS = {
-    "positive_int": dict(type=_positive_int),
-    "positive_float": dict(type=_positive_float),
-    "minutes_or_off": dict(type=_minutes_or_off),
-    "ratio_or_off": dict(type=_ratio_or_off),
-    "flag": dict(action="store_true"),
-    "off_flag": dict(action="store_false"),
-    "required": dict(required=True),
-}
-
-
-def _add_settings(settings_class, groups: dict[str, argparse._ArgumentGroup]) -> None:
-    """An option for every field of ``settings_class`` that declares one (its ``option`` metadata)."""
-    for f in dataclasses.fields(settings_class):
-        option = f.metadata.get("option")
-        if option is None:
-            continue
-        kwargs = dict(_SETTING_KINDS[option.kind], dest=f.name, help=option.help)
-        if option.kind not in ("flag", "off_flag", "required"):
-            kwargs["default"] = f.default
-        if option.metavar:
-            kwargs["metavar"] = option.metavar
-        groups[option.group].add_argument(option.flag or "--" + f.name.replace("_", "-"), **kwargs)
+    add_settings(TrainSettings, {optimisation.title: optimisation, output.title: output})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parents = _parents()
+    parents = option_groups()
     p = argparse.ArgumentParser(
         prog="flowpp",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         description="Flow++ normalizing flows: train, evaluate, sample, score and compress.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -267,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_eval(sub, parents) -> None:
     e = sub.add_parser(
         "eval",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="bits/dim of a run on a dataset split",
         parents=[parents["data"], parents["runtime"], parents["seed"], parents["compile"], parents["which"]],
         description="Evaluate the EMA weights of a run's newest checkpoint. With --samples S > 1 "
@@ -283,15 +129,15 @@ def _add_eval(sub, parents) -> None:
         help="run directory, or a .safetensors file from `flowpp export` (under torchrun write --run-dir: "
         "torchrun reads --run as an abbreviation of its own --run-path)",
     )
-    e.add_argument("--data", required=True, help=f"DATASET: {_DATASETS_HELP}")
+    e.add_argument("--data", required=True, help=f"DATASET: {DATASETS_HELP}")
     e.add_argument("--split", default="test", choices=["train", "valid", "test"], help="which split")
-    e.add_argument("--samples", type=_positive_int, default=1, help="dequantization samples per image (S)")
-    e.add_argument("--batch-size", type=_positive_int, default=64, help="rows per pass (images x samples)")
-    e.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
+    e.add_argument("--samples", type=positive_int, default=1, help="dequantization samples per image (S)")
+    e.add_argument("--batch-size", type=positive_int, default=64, help="rows per pass (images x samples)")
+    e.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     e.add_argument("--out", default=None, help="JSON file (default: RUN/eval-<data>-<split>-S<S>.json)")
     e.add_argument(
         "--chunk",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="images per saved part of the per-image results (default: about a million images x samples, "
@@ -314,14 +160,14 @@ def _add_eval(sub, parents) -> None:
 def _add_prepare(sub, parents) -> None:
     pr = sub.add_parser(
         "prepare",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="decode a dataset once into memory-mapped arrays",
         parents=[parents["data"]],
         description="Decode a dataset into DATA_DIR/prepared/<name>/ (uint8 arrays and a manifest) that "
         "train and eval memory-map. Named datasets are prepared on first use anyway; this does it ahead "
         "of time, checks a preparation, or rebuilds it.",
     )
-    pr.add_argument("--data", required=True, help=f"DATASET: {_DATASETS_HELP}")
+    pr.add_argument("--data", required=True, help=f"DATASET: {DATASETS_HELP}")
     pr.add_argument("--bits", type=int, choices=range(1, 9), metavar="N", default=None,
                     help="prepare the data reduced to N bits (as an n-bit config uses it)")  # fmt: skip
     pr.add_argument("--force", action="store_true", help="rebuild even when the preparation is current")
@@ -333,24 +179,24 @@ def _add_prepare(sub, parents) -> None:
 def _add_sample(sub, parents) -> None:
     s = sub.add_parser(
         "sample",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="draw samples from a run",
         parents=[parents["runtime"], parents["seed"], parents["compile"], parents["which"]],
         description="Sample z ~ N(0, T^2 I) and invert the main flow with the EMA weights.",
     )
     s.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
-    s.add_argument("-n", "--num", type=_positive_int, default=64, help="number of samples")
+    s.add_argument("-n", "--num", type=positive_int, default=64, help="number of samples")
     s.add_argument("--temperature", type=float, default=1.0, help="prior temperature T")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--npz", default=None, help="also save the integer samples (N, H, W, C) uint8 as 'x' in this .npz")
-    s.add_argument("--scale", type=_positive_int, default=1, help="enlarge the grid by this integer factor")
-    s.add_argument("--batch-size", type=_positive_int, default=64, help="samples per batch")
+    s.add_argument("--scale", type=positive_int, default=1, help="enlarge the grid by this integer factor")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch")
 
 
 def _add_score(sub, parents) -> None:
     c = sub.add_parser(
         "score",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="bits/dim of given image files",
         parents=[parents["runtime"], parents["seed"], parents["compile"], parents["which"]],
         description="Bits/dim of each PNG/JPEG image, or each image in an .npz, under a run's "
@@ -359,14 +205,14 @@ def _add_score(sub, parents) -> None:
     )
     c.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
     c.add_argument("images", nargs="+", help="PNG/JPEG files or .npz files")
-    c.add_argument("--samples", type=_positive_int, default=16, help="dequantization samples per image")
+    c.add_argument("--samples", type=positive_int, default=16, help="dequantization samples per image")
     c.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_compress(sub, parents) -> None:
     c = sub.add_parser(
         "compress",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="compress images losslessly into one archive with a model",
         parents=[parents["data"], parents["runtime"], parents["which"]],
         description="Bits-back coding with the model (docs/compression.md): PNG files, an .npz with key 'x' "
@@ -376,9 +222,9 @@ def _add_compress(sub, parents) -> None:
     c.set_defaults(device="cpu")  # the coder runs on the CPU
     c.add_argument("--run", required=True, help="run directory, or a .safetensors file from `flowpp export`")
     c.add_argument("images", nargs="*", help="PNG files, or one .npz file with key 'x'")
-    c.add_argument("--data", default=None, help=f"DATASET instead of files: {_DATASETS_HELP}")
+    c.add_argument("--data", default=None, help=f"DATASET instead of files: {DATASETS_HELP}")
     c.add_argument("--split", default="test", choices=["train", "valid", "test"], help="with --data: which split")
-    c.add_argument("--limit", type=_positive_int, default=None, help="with --data: only the first N images")
+    c.add_argument("--limit", type=positive_int, default=None, help="with --data: only the first N images")
     c.add_argument("--out", required=True, help="archive file to write")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c.add_argument(
@@ -393,7 +239,7 @@ def _add_compress(sub, parents) -> None:
 def _add_decompress(sub, parents) -> None:
     d = sub.add_parser(
         "decompress",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="restore the images of an archive exactly",
         parents=[parents["which"]],
         description="Decode an archive from `flowpp compress` with the same model. PNG inputs come back as "
@@ -410,7 +256,7 @@ def _add_decompress(sub, parents) -> None:
 def _add_export(sub, parents) -> None:
     x = sub.add_parser(
         "export",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="export a run's weights to safetensors or to the Flow++ release format",
         parents=[parents["which"]],
         description="Write the EMA weights of a run's best model (or newest checkpoint) as safetensors, with the "
@@ -432,7 +278,7 @@ def _add_export(sub, parents) -> None:
 def _add_import(sub, parents) -> None:
     m = sub.add_parser(
         "import",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
         help="import a Flow++ release weight file (the authors' trained models)",
         description="Read a weight file of the Flow++ release (flowpp_cifar_model.npz, "
         "flowpp_imagenet32_model.npz, flowpp_imagenet64_model.npz: the variables of the authors' TensorFlow "
@@ -446,12 +292,12 @@ def _add_import(sub, parents) -> None:
                    help="the architecture: cifar10, imagenet32, imagenet64 or an n-bit config of the ImageNet "
                         "code (imagenet64-5bit, celeba64-5bit, celeba64-3bit, celeba128-5bit)")  # fmt: skip
     m.add_argument("--out", required=True, help=".safetensors file to write (the card goes beside it)")
-    m.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override,
+    m.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                    metavar="KEY=VALUE", help="override a config field, as for train (repeatable)")  # fmt: skip
 
 
 def _add_configs(sub, parents) -> None:
-    k = sub.add_parser("configs", formatter_class=_Formatter, help="list the named configs with parameter counts")
+    k = sub.add_parser("configs", formatter_class=Formatter, help="list the named configs with parameter counts")
     k.add_argument("name", nargs="?", default=None, help="show one config in full")
 
 

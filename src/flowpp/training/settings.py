@@ -18,7 +18,7 @@ class TrainingDiverged(RunError):
 @dataclass(frozen=True)
 class Option:
     """How a setting appears on the command line (``flowpp train``): its help, its group, and
-    its kind of value (``flowpp.cli`` turns kinds into parsers: whole numbers, minutes or 'off',
+    its kind of value (``flowpp.cli_values`` turns kinds into parsers: whole numbers, minutes or 'off',
     flags, ...). A setting without one is not an option."""
 
     help: str
