@@ -17,6 +17,7 @@ import torch
 
 from . import distributed as D
 from .atomic import atomic_write, write_json, write_npz
+from .compression_jobs import compress_job, decompress_job
 from .configs import FlowConfig, get_config, list_configs
 from .data import DATASET_NAMES
 from .data.for_config import load_images
@@ -24,6 +25,7 @@ from .data.prepared import prepare, prepared_path, verify_prepared
 from .errors import UsageError
 from .evaluate import EvalParts, default_chunk, evaluate_bpd, weights_digest
 from .images import chw_shape, save_grid, to_nhwc
+from .job_support import load_for_command, progress_bar
 from .model import count_parameters
 from .runs import RunDir
 from .training import TrainSettings, train
@@ -170,32 +172,6 @@ def train_job(
     return summary
 
 
-def _load(run: str, device: str | torch.device, compile: bool, which: str | None = None, quiet=False):
-    """(model, info, device) from a run directory or an exported .safetensors file; says which weights
-    (and which damaged newer checkpoints it skipped) on stderr, unless ``quiet``."""
-    log = None if quiet else _to_stderr
-    dev = device if isinstance(device, torch.device) else D.resolve_device(device)
-    if Path(run).is_file():
-        from .export import load_with_metadata
-
-        if which == "last":
-            raise UsageError(f"{run} is an exported file: it holds one set of weights; drop --weights last")
-        model, meta = load_with_metadata(run, dev)
-        info = {"checkpoint": str(run), "step": meta.get("step"), "which": f"exported ({meta.get('which', '?')})"}
-    else:
-        model, info = RunDir(run).load_model(dev, log=log, which=which)
-    if not quiet:
-        step = f", step {info['step']}" if info["step"] not in (None, "") else ""
-        print(f"weights: {info['which']}{step} ({info['checkpoint']})", file=sys.stderr)
-    if compile:
-        model.compile_networks()
-    return model, info, dev
-
-
-def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 def _writable(folder: Path) -> bool:
     """Whether files can be written in ``folder`` (or created under its nearest existing parent)."""
     folder = folder.resolve()
@@ -246,7 +222,7 @@ def eval_job(
         dev = torch.device("cuda", dist.local_rank)
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
-        model, info, _ = _load(run, dev, compile, which, quiet=not dist.is_main)
+        model, info, _ = load_for_command(run, dev, compile, which, quiet=not dist.is_main)
         ds = load_images(data, split, model.config, data_dir=data_dir, download=download, prepared=prepared, log=say)
         if model.config.official and samples < PAPER_EVAL_SAMPLES:
             say(
@@ -297,40 +273,12 @@ def eval_job(
 
 
 def _evaluate_with_progress(model, x, samples, batch_size, seed, dist, parts, report: bool) -> dict:
-    from tqdm import tqdm
-
     run = dict(samples=samples, batch_size=batch_size, seed=seed, dist=dist, per_image=True, parts=parts)
-    if report and sys.stderr.isatty():
-        with tqdm(total=len(x), unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-            res = evaluate_bpd(model, x, progress=bar.update, **run)
-    else:  # a log file gets a few whole lines, not a bar's every redraw
-        res = evaluate_bpd(model, x, progress=_ProgressLines(len(x)) if report else None, **run)
+    with progress_bar(len(x), report, "eval") as progress:
+        res = evaluate_bpd(model, x, progress=progress, **run)
     if res.get("resumed_images"):
         print(f"continued a saved evaluation: {res['resumed_images']:,} images were already done", file=sys.stderr)
     return res
-
-
-class _ProgressLines:
-    """Progress as occasional lines on stderr: each tenth of the images, or every ``seconds``."""
-
-    def __init__(self, total: int, seconds: float = 300.0, label: str = "eval"):
-        import time
-
-        self.clock, self.total, self.seconds, self.label = time.monotonic, total, seconds, label
-        self.done = self.reported = 0
-        self.start = self.last = self.clock()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = self.clock()
-        tenth = max(1, -(-self.total // 10))
-        due = self.done // tenth > self.reported // tenth or self.done >= self.total or now - self.last >= self.seconds
-        if not due or self.done == self.reported:
-            return
-        rate = self.done / max(now - self.start, 1e-9)  # saved chunks of a resumed evaluation count too
-        percent = 100 * self.done // max(self.total, 1)
-        print(f"{self.label}: {self.done:,}/{self.total:,} images ({percent}%), {rate:,.1f} img/s", file=sys.stderr)
-        self.reported, self.last = self.done, now
 
 
 def sample_job(
@@ -350,7 +298,7 @@ def sample_job(
     """Samples of a run's EMA weights as a PNG grid (and optionally an .npz); returns them."""
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {temperature}")
-    model, info, dev = _load(run, device, compile, which)
+    model, info, dev = load_for_command(run, device, compile, which)
     gen = torch.Generator(device=dev).manual_seed(seed)
     samples = torch.cat(
         [
@@ -380,7 +328,7 @@ def score_job(
     """Bits/dim of each image file under a run's EMA weights, printed as a table or JSON."""
     from .score import score_files
 
-    model, info, _ = _load(run, device, compile, which)
+    model, info, _ = load_for_command(run, device, compile, which)
     rows = score_files(model, list(images), samples=samples, seed=seed)
     if as_json:
         print(
@@ -452,85 +400,3 @@ def configs_job(name: str | None = None) -> None:
         cfg = get_config(key)
         c, h, w = cfg.image_shape
         print(f"{key:<26} {c}x{h}x{w}  L={cfg.num_levels:<4} {count_parameters(cfg):>13,} parameters  {cfg.notes}")
-
-
-def compress_job(
-    *,
-    run: str,
-    images: Sequence[str] = (),
-    out: str,
-    data: str | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    data_dir: str | None = None,
-    download: bool = True,
-    device: str = "cpu",
-    which: str | None = None,
-    grid_bits: int = 18,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Compress PNG files, an .npz (key 'x') or a dataset split into one archive with a run's model."""
-    from .atomic import atomic_write_bytes
-    from .codec import compress
-    from .codec.files import read_inputs
-
-    target = Path(out)
-    if target.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to replace it")
-    if target.is_dir():
-        raise UsageError(f"{out} is a directory; --out names the archive file")
-    if bool(images) == bool(data):
-        raise UsageError("give either image files or --data NAME, not both or neither")
-    model, info, _ = _load(run, device, False, which)
-    cfg = model.config
-    if data:
-        x = load_images(data, split, cfg, data_dir=data_dir, download=download, log=_to_stderr).images
-        x, names = np.ascontiguousarray(x[:limit] if limit else x), None
-    else:
-        x, names = read_inputs(list(images), tuple(cfg.image_shape), cfg.num_levels)
-    with _progress_bar(len(x), progress, "compress") as bar:
-        archive = compress(model, x, names, grid_bits=grid_bits, progress=bar)
-    atomic_write_bytes(target, archive)
-    dims = x.size
-    summary = {"archive": str(target), "images": int(len(x)), "bytes": len(archive), "bpd": 8 * len(archive) / dims}
-    print(f"wrote {target}: {len(x):,} images, {len(archive):,} bytes, {summary['bpd']:.4f} bits/dim")
-    return summary
-
-
-def decompress_job(
-    *, archive: str, out: str, run: str, device: str = "cpu", which: str | None = None, progress: bool = True
-) -> list[Path]:
-    """Decode an archive with the run's model and write its images into the folder ``out``."""
-    from .codec import decompress
-    from .codec.files import write_outputs
-
-    path = Path(archive)
-    if not path.is_file():
-        raise UsageError(f"{archive}: no such file" if not path.exists() else f"{archive}: not a regular file")
-    data = path.read_bytes()
-    from .codec import read_header
-
-    header, _ = read_header(data)  # a damaged archive is refused before the model is loaded
-    model, info, _ = _load(run, device, False, which)
-    with _progress_bar(header["images"]["count"], progress, "decompress") as bar:
-        result = decompress(data, model, progress=bar)
-    written = write_outputs(out, result.images, result.names, model.config.num_levels)
-    what = f"{len(written):,} PNG files" if result.names is not None else str(written[0])
-    print(f"decoded {len(result.images):,} images exactly; wrote {what} in {out}")
-    return written
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool, what: str):
-    """A callback taking the number of images just done: a bar on a terminal, lines in a log."""
-    if not enabled:
-        yield None
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr, desc=what) as bar:
-            yield bar.update
-        return
-    yield _ProgressLines(total, label=what)
