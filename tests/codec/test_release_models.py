@@ -30,4 +30,4 @@ def test_an_imported_release_model_compresses_and_decompresses_exactly(name, sin
     images = np.load(OFFICIAL / f"{name}.expected.npz")["x"][:1].astype(np.uint8)  # (N, H, W, C)
     archive = compress(model, images)
     assert np.array_equal(decompress(archive, model).images, images)
-    assert 8 * len(archive) < 40 * images.size  # a real code, not raw storage of the noise
+    assert 8 * len(archive) < 40 * images.size  # a one-image archive: the start-up (~20 bits/value) and the image

@@ -266,7 +266,7 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         raise CodecError(f"archive format version {version}; this flowpp reads version {FORMAT_VERSION}")
     if length > MAX_HEADER_BYTES or _PREFIX.size + length + 32 > len(data):
         raise CodecError(f"archive truncated: its header declares {length} bytes, the file holds {len(data)} in all")
-    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+    if hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:  # no copy of a large archive
         raise CodecError("archive truncated or altered: its SHA-256 does not match its contents")
     try:
         text = zlib.decompressobj().decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES)
