@@ -232,7 +232,7 @@ def test_bench_codecs_measures_every_classical_codec_and_the_models_bound(tmp_pa
     import bench_codecs
 
     rng = np.random.default_rng(0)
-    smooth = np.cumsum(rng.integers(0, 3, (30, 8, 8, 3)), axis=2).clip(0, 255).astype(np.uint8)
+    smooth = np.cumsum(rng.integers(0, 3, (46, 8, 8, 3)), axis=2).clip(0, 255).astype(np.uint8)
     data = tmp_path / "d.npz"
     np.savez(data, x_train=smooth[:16], x_valid=smooth[16:22], x_test=smooth[22:])
     run_dir = tmp_path / "run"
@@ -242,20 +242,21 @@ def test_bench_codecs_measures_every_classical_codec_and_the_models_bound(tmp_pa
     out = tmp_path / "codecs.json"
     result = bench_codecs.main(["--run", str(run_dir), "--data", str(data), "--split", "test", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert result["n_images"] == 8 and result["image_shape"] == [8, 8, 3]
+    assert result["n_images"] == 24 and result["image_shape"] == [8, 8, 3]
     codecs = result["codecs"]
     assert set(codecs) == {"PNG (level 9)", "WebP lossless", "JPEG 2000 lossless", "JPEG XL lossless"}
     for row in codecs.values():  # every image decoded to its pixels, or main would have stopped
         assert 0 < row["mosaic_bits_per_dim"] < row["bits_per_dim"]  # headers paid once
-        assert row["bits_per_dim"] == pytest.approx(8 * row["bytes"] / (8 * 8 * 8 * 3))
+        assert row["bits_per_dim"] == pytest.approx(8 * row["bytes"] / (24 * 8 * 8 * 3))
         assert row["encode_img_per_s"] > 0 and row["decode_img_per_s"] > 0
     best = min(min(r["bits_per_dim"], r["mosaic_bits_per_dim"]) for r in codecs.values())
     assert min(codecs[result["best_classical"]][k] for k in ("bits_per_dim", "mosaic_bits_per_dim")) == best
     assert 0 < result["model_bound_bpd"] < 20
     row = result["flowpp"]  # the archive decoded to the images' pixels, or main would have stopped
-    assert row["bits_per_dim"] == pytest.approx(8 * row["bytes"] / (8 * 8 * 8 * 3))
+    assert row["bits_per_dim"] == pytest.approx(8 * row["bytes"] / (24 * 8 * 8 * 3))
     assert row["bits_per_dim"] > row["coded_images_bpd"] > 0 and row["seed_bits"] >= row["first_image_borrow_bits"]
-    assert set(row["archives"]) == {"1", "8"} and row["archives"]["8"]["bytes"] == row["bytes"]
+    assert 0 < row["lead_images"] < 24 and row["lead_bits"] > 0  # a lead, then bits-back images
+    assert set(row["archives"]) == {"1", "10", "24"} and row["archives"]["24"]["bytes"] == row["bytes"]
     assert row["compress_vs_loglik"] > 0 and row["decompress_vs_loglik"] > 0
 
 

@@ -12,7 +12,7 @@ import torch
 
 import flowpp
 from flowpp.codec import CodecError, compress, decompress, read_header
-from flowpp.codec.archive import MAGIC, _pack
+from flowpp.codec.archive import FORMAT_VERSION, MAGIC, _pack
 
 
 def _images(config, n, seed=0):
@@ -41,7 +41,41 @@ def test_images_come_back_exactly(tiny_model, archive):
     assert np.array_equal(out.images, x.permute(0, 2, 3, 1).numpy()) and out.names is None
     header, words = read_header(data)
     assert 32 * len(words) == pytest.approx(sum(stats["image_bits"]) + stats["seed_bits"], abs=32)
-    assert header["coder"]["batches"][0] == 1 and sum(header["coder"]["batches"]) == 5
+    coder = header["coder"]
+    assert 1 <= coder["lead_images"] < 5 and coder["batches"][0] == 1
+    assert coder["lead_images"] + sum(coder["batches"]) == 5
+    # The lead (with the checksums) holds what the first bits-back image borrows.
+    assert 0 < stats["lead_bits"] < stats["seed_bits"] and stats["seed_bits"] >= stats["first_borrow_bits"]
+
+
+def test_without_a_lead_every_image_is_coded_by_bits_back(tiny_model, single_thread):
+    x = _images(tiny_model.config, 3)
+    stats = {}
+    data = compress(tiny_model, x, lead=False, stats=stats)
+    coder = read_header(data)[0]["coder"]
+    assert coder["lead_images"] == 0 and coder["lead_bytes"] == 0 and sum(coder["batches"]) == 3
+    assert stats["seed_bits"] >= stats["first_borrow_bits"]
+    assert np.array_equal(decompress(data, tiny_model).images, x.permute(0, 2, 3, 1).numpy())
+
+
+def test_a_single_image_is_all_lead_and_costs_its_jpeg_xl(tiny_model, single_thread):
+    from flowpp.codec.lead import encode_lead
+
+    x = _images(tiny_model.config, 1)
+    data = compress(tiny_model, x)
+    header, words = read_header(data)
+    assert header["coder"]["lead_images"] == 1 and header["coder"]["batches"] == []
+    # digest, a 4-byte checksum, the JPEG XL bytes and the top word: nothing borrowed, nothing else
+    assert 4 * len(words) == 32 + 4 + -(-len(encode_lead(x)) // 4) * 4 + 4
+    assert np.array_equal(decompress(data, tiny_model).images, x.permute(0, 2, 3, 1).numpy())
+
+
+def test_images_too_compressible_for_the_headers_check_are_padded(tiny_model, single_thread):
+    """Constant images: JPEG XL makes almost nothing of them, below the bits per value that
+    read_header demands of an archive; the seed is padded so that the archive still reads."""
+    x = torch.zeros(40, *tiny_model.config.image_shape, dtype=torch.long)
+    data = compress(tiny_model, x)
+    assert np.array_equal(decompress(data, tiny_model).images, x.permute(0, 2, 3, 1).numpy())
 
 
 def test_the_archive_costs_the_models_bound_at_the_noise_it_drew(tiny_config, perturb, single_thread):
@@ -53,7 +87,7 @@ def test_the_archive_costs_the_models_bound_at_the_noise_it_drew(tiny_config, pe
     perturb(model, 0.02, seed=2)
     x = _images(tiny_config, 8, seed=3)
     stats = {}
-    compress(model, x, stats=stats)
+    compress(model, x, lead=False, stats=stats)
     with torch.no_grad():
         bound = -model.log_prob(x, noise=stats["noise"]).sum().item() / math.log(2)
     assert sum(stats["image_bits"]) == pytest.approx(bound, abs=0.02 * x.numel())
@@ -105,14 +139,17 @@ def test_headers_that_promise_more_than_the_file_holds_are_refused(tiny_model, a
     for change, reason in [
         (many, "more than its"),
         (lambda h: h["images"].update(count=2**40), "impossible image set"),
-        (lambda h: h["coder"].update(batches=[1, 1]), "batch sizes"),
+        (lambda h: h["coder"].update(batches=[1] * 9), "lead and batch sizes"),
+        (lambda h: h["coder"].update(lead_images=0), "lead and batch sizes"),
+        (lambda h: h["coder"].update(lead_bytes=10**6), "coder settings"),
+        (lambda h: h["coder"].update(check_bytes=3), "coder settings"),
         (lambda h: h["images"].update(names=["../x"] * 5), "plain file name"),
         (lambda h: h.update(stack_words=3), "stack should be"),
     ]:
         with pytest.raises(CodecError, match=reason):
             decompress(_repack(data, change), tiny_model)
     text = zlib.compress(b"[1, 2]")
-    body = struct.pack("<8sHI", MAGIC, 1, len(text)) + text
+    body = struct.pack("<8sHI", MAGIC, FORMAT_VERSION, len(text)) + text
     with pytest.raises(CodecError, match="unreadable"):
         read_header(body + hashlib.sha256(body).digest())
 
@@ -198,3 +235,14 @@ def test_a_model_off_the_cpu_is_refused(tiny_model, archive, monkeypatch):
         decompress(data, tiny_model)
     with pytest.raises(CodecError, match="runs on the CPU"):
         compress(tiny_model, _images(tiny_model.config, 1))
+
+
+def test_a_damaged_lead_is_refused(tiny_model, archive):
+    """A forged archive (digests made valid) whose lead images' JPEG XL bytes were changed."""
+    _, data, _ = archive
+    header, words = read_header(data)
+    words = words.copy()
+    first_lead_word = -(-(32 + header["coder"]["check_bytes"] * 5) // 4)
+    words[first_lead_word + 3] ^= 0x00FF0000
+    with pytest.raises(CodecError, match="did not reproduce the images exactly"):
+        decompress(_pack(header, words), tiny_model)

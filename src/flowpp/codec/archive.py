@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     b"FLOWPPBB"                 magic (8 bytes)
     uint16 format version
-    uint32 header length, then the header: zlib-compressed UTF-8 JSON
+    uint32 header length, then the header: UTF-8 JSON, zlib-compressed with a preset dictionary
     the stack: uint32 words, bottom first
     32 bytes: SHA-256 of everything before it
 
@@ -15,10 +15,12 @@ what decoding must match to reproduce the encoder's floating-point computation (
 and constriction versions, device, CPU kernels, thread count). Every field a few hundred bytes
 at most, compressed: on small images the header is part of the rate.
 
-The seed, at the bottom of the stack, is what the first image borrows its dequantization noise
-from. It is not wasted: it holds the SHA-256 of all images and a checksum of each image, then
-filler derived from that digest. Decoding ends with exactly the seed left on the stack, and
-every image is checked against it before anything is written.
+The seed, at the bottom of the stack, is what the first bits-back image borrows its noise from.
+It is not wasted: it holds the SHA-256 of all images and a checksum of each image, then the lead
+images (the first few, coded by JPEG XL; see ``flowpp.codec.lead``), then filler derived from
+the digest where more bits are needed, and a top word derived from the digest. Decoding ends
+with exactly the seed left on the stack; the lead images are decoded from it, and every image is
+checked against it before anything is returned.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..evaluate import weights_digest
 from .bitsback import RanDry, decode_batch, plan_and_encode
 from .entropy import CodecError, StackCoder
 from .layers import OP_STD, FlowCoder
+from .lead import choose_lead, decode_lead
 
 __all__ = [
     "compress",
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 MAGIC = b"FLOWPPBB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_GRID_BITS = 18  # the main flow's grid, 2**-18 (in logit units and beyond)
 DEFAULT_IMAGE_GRID_BITS = 14  # the grid of the dequantizer and of y = x + u, 2**-14 of a pixel level
 MAX_BATCH = 64
@@ -100,24 +103,31 @@ def _image_digests(x: torch.Tensor) -> tuple[bytes, list[bytes]]:
     return hashlib.sha256(b"".join(per_image)).digest(), per_image
 
 
-def _seed_words(digest: bytes, per_image: list[bytes], check_bytes: int, words: int) -> np.ndarray:
-    body = digest + b"".join(d[:check_bytes] for d in per_image)
+def _seed_words(digest: bytes, per_image: list[bytes], check_bytes: int, lead: bytes, words: int) -> np.ndarray:
+    """digest, checksums, lead bytes (each part padded to whole words), filler, top word."""
+    body = _pad(digest + b"".join(d[:check_bytes] for d in per_image)) + _pad(lead)
     counter = 0
-    while len(body) < 4 * words:
+    while len(body) < 4 * (words - 1):
         body += hashlib.sha256(digest + counter.to_bytes(8, "little")).digest()
         counter += 1
-    out = np.frombuffer(body[: 4 * words], dtype="<u4").astype(np.uint32)
-    out[-1] |= 1  # the top word of an ANS stack is never zero
-    return out
+    top = (int.from_bytes(digest[:4], "little") | 1).to_bytes(4, "little")  # an ANS stack's top word is never 0
+    return np.frombuffer(body[: 4 * (words - 1)] + top, dtype="<u4").astype(np.uint32)
 
 
-def _check_bytes(count: int, seed_bits: float) -> int:
-    """Checksum bytes per image: 4, or fewer when so many images would outgrow the seed the
-    first image needs anyway (each checksum is then paid for in full)."""
-    for size in (4, 2):
-        if 8 * size * count + 256 <= seed_bits:
-            return size
-    return 1
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 4)
+
+
+def _seed_layout_words(count: int, check_bytes: int, lead_bytes: int) -> int:
+    """The fewest words a seed takes: its digest, checksums and lead, and the top word."""
+    return -(-(32 + check_bytes * count) // 4) + -(-lead_bytes // 4) + 1
+
+
+def _check_bytes(count: int) -> int:
+    """Checksum bytes per image. Every image is also covered by the SHA-256 of all images; the
+    checksum names the image that does not decode, and shrinks as an archive grows (at 1,000
+    CIFAR-10 images, one byte each is 0.003 bits/dim)."""
+    return 4 if count <= 16 else 2 if count <= 256 else 1
 
 
 # --- compress -----------------------------------------------------------------------------------
@@ -131,6 +141,7 @@ def compress(
     grid_bits: int = DEFAULT_GRID_BITS,
     image_bits: int = DEFAULT_IMAGE_GRID_BITS,
     max_batch: int = MAX_BATCH,
+    lead: bool = True,
     progress=None,
     stats: dict | None = None,
 ) -> bytes:
@@ -138,8 +149,9 @@ def compress(
 
     ``images``: a (N, C, H, W) integer tensor, or a (N, H, W, C) uint8 array as stored on disk.
     ``names``: one per image (file names for PNG inputs), or None. ``progress(n)`` is called as
-    n more images are done. ``stats``, when given, is filled with per-image bits and the noise
-    each image used (for measurements).
+    n more images are done. ``lead=False`` codes every image by bits-back on a seed of filler
+    (for measurements of bits-back alone). ``stats``, when given, is filled with the bits-back
+    images' bits and the noise each used, and the lead's size (for measurements).
     """
     x = _as_nchw(images)
     model.check_images(x)
@@ -157,32 +169,39 @@ def compress(
     _check_cpu(device)
     x = x.long()
     digest, per_image = _image_digests(x)
-
-    # How many bits the first image borrows: coded once on a generous random seed.
-    dims = x[0].numel()
-    trial_words = max(64, (grid_bits + 12) * dims // 16)
-    borrow = None
-    while borrow is None:
-        noise_words = np.random.default_rng(0).integers(1, 1 << 32, size=trial_words, dtype=np.uint64)
-        trial = FlowCoder(StackCoder(noise_words.astype(np.uint32)), grid_bits, device, dtype, image_bits)
-        try:
-            borrow = plan_and_encode(trial, model, x[:1], max_batch=1).borrowed_bits[0]
-        except RanDry:
-            trial_words *= 2
-    need_bits = 1.1 * borrow + 256
+    n = x.shape[0]
+    check_bytes = _check_bytes(n)
+    fixed_bits = 8 * (32 + check_bytes * n)
+    # What the first bits-back image borrows, measured by coding image 0 on a generous random
+    # stack; a single image is all lead.
+    borrow = None if lead and n == 1 else _first_borrow(x[:1], model, grid_bits, image_bits)
+    need_bits = math.inf if borrow is None else 1.1 * borrow + 256
+    min_words = 0
     while True:
-        check_bytes = _check_bytes(x.shape[0], need_bits)
-        seed_words = max(math.ceil(need_bits / 32), (32 + check_bytes * x.shape[0] + 3) // 4)
-        seed = _seed_words(digest, per_image, check_bytes, seed_words)
+        if lead and need_bits > fixed_bits:
+            k, lead_data = choose_lead(x, need_bits - fixed_bits)
+        else:
+            k, lead_data = 0, b""
+        seed_words = max(_seed_layout_words(n, check_bytes, len(lead_data)), min_words)
+        if k < n:
+            seed_words = max(seed_words, math.ceil(need_bits / 32) + 1)
+        seed = _seed_words(digest, per_image, check_bytes, lead_data, seed_words)
         coder = StackCoder(seed)
         try:
             run = plan_and_encode(
-                FlowCoder(coder, grid_bits, device, dtype, image_bits), model, x, max_batch=max_batch,
+                FlowCoder(coder, grid_bits, device, dtype, image_bits), model, x[k:], max_batch=max_batch,
                 keep_noise=stats is not None, progress=progress,
             )  # fmt: skip
-            break
-        except RanDry as e:  # an image borrowed more than the first did: seed more and start again
-            need_bits = max(2 * need_bits, 1.25 * e.per_image + 256)
+        except RanDry as e:  # an image borrowed more than image 0 did: a longer lead, and start again
+            need_bits = max(1.25 * need_bits, 1.25 * e.per_image + 256)
+            continue
+        floor_words = math.ceil(x.numel() * MIN_BITS_PER_DIM / 32)  # what read_header demands of any archive
+        if coder.words().size < floor_words:  # images so compressible that the check would refuse them: pad
+            min_words = floor_words
+            continue
+        break
+    if progress is not None and k:
+        progress(k)
     words = coder.words()
     header = {
         "format": FORMAT_VERSION,
@@ -200,6 +219,8 @@ def compress(
             "batches": run.batches,
             "seed_words": int(seed_words),
             "check_bytes": check_bytes,
+            "lead_images": k,
+            "lead_bytes": len(lead_data),
         },  # fmt: skip
         "stack_words": int(words.size),
         "environment": environment(device),
@@ -207,10 +228,23 @@ def compress(
     if stats is not None:
         stats.update(
             image_bits=run.image_bits, borrowed_bits=run.borrowed_bits, batches=run.batches,
-            seed_bits=32 * int(seed_words), first_borrow_bits=borrow,
+            seed_bits=32 * int(seed_words), lead_images=k, lead_bits=8 * len(lead_data),
+            first_borrow_bits=borrow,
             noise=torch.cat(run.noise) if run.noise else None,
         )  # fmt: skip
     return _pack(header, words)
+
+
+def _first_borrow(x: torch.Tensor, model, grid_bits: int, image_bits: int) -> float:
+    param = next(model.parameters())
+    words = max(64, (grid_bits + 12) * x[0].numel() // 16)
+    while True:
+        noise_words = np.random.default_rng(0).integers(1, 1 << 32, size=words, dtype=np.uint64)
+        trial = FlowCoder(StackCoder(noise_words.astype(np.uint32)), grid_bits, param.device, param.dtype, image_bits)
+        try:
+            return plan_and_encode(trial, model, x, max_batch=1).borrowed_bits[0]
+        except RanDry:
+            words *= 2
 
 
 def _check_cpu(device: torch.device) -> None:
@@ -247,8 +281,23 @@ def model_identity(model) -> dict:
     }
 
 
+# zlib's preset dictionary for headers: the keys and common values of a header, so that a
+# header costs about its digests and numbers (some 130 bytes, not 370: 2,000 bits of a one-image
+# archive). Part of the format: changing it needs a new FORMAT_VERSION.
+_HEADER_DICTIONARY = (
+    b'"environment":{"constriction":"0.5.0","cpu_kernels":"AVX512","device":"cpu","flowpp":"0.1.0",'
+    b'"threads":1,"torch":"2.4.0+cpu"},"cpu_kernels":"AVX2","cpu_kernels":"DEFAULT","threads":2,'
+    b'"images":{"count":1,"levels":256,"names":null,"shape":[1,28,28]},"names":[".png",'
+    b'"model":{"config":{"changes":{},"name":"cifar10-small","name":"imagenet32","name":"mnist",'
+    b'"name":"digits","name":"cifar10","sha256":"'
+    b'{"coder":{"batches":[1,1,1,2,2,2,3,3,4,5,6,64,64,64,64],"check_bytes":1,"grid_bits":18,"image_grid_bits":14,'
+    b'"lead_bytes":1,"lead_images":1,"op_std":8.0,"seed_words":1},"format":2,"stack_words":1,"weights_sha256":"'
+)
+
+
 def _pack(header: dict, words: np.ndarray) -> bytes:
-    text = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
+    packer = zlib.compressobj(9, zdict=_HEADER_DICTIONARY)
+    text = packer.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode()) + packer.flush()
     body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)), text, words.astype("<u4").tobytes()])
     return body + hashlib.sha256(body).digest()
 
@@ -269,7 +318,8 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
     if hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:  # no copy of a large archive
         raise CodecError("archive truncated or altered: its SHA-256 does not match its contents")
     try:
-        text = zlib.decompressobj().decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES)
+        unpacker = zlib.decompressobj(zdict=_HEADER_DICTIONARY)
+        text = unpacker.decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES)
         header = json.loads(text)
         body = data[_PREFIX.size + length : -32]
         declared = int(header["stack_words"])
@@ -278,6 +328,8 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         batches = [int(b) for b in coder["batches"]]
         seed_words, grid_bits = int(coder["seed_words"]), int(coder["grid_bits"])
         image_bits = int(coder["image_grid_bits"])
+        lead_images, lead_bytes = int(coder["lead_images"]), int(coder["lead_bytes"])
+        check_bytes = int(coder["check_bytes"])
         names = images["names"]
     except (ValueError, KeyError, TypeError, zlib.error) as e:
         raise CodecError(f"archive header unreadable: {e}") from None
@@ -291,9 +343,17 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         raise CodecError(
             f"archive header declares {count} images of shape {shape}, more than its {4 * declared}-byte stack can hold"
         )
-    if sum(batches) != count or any(not 0 < b <= MAX_BATCH for b in batches):
-        raise CodecError("archive header's batch sizes do not add up to its image count")
-    if not 0 < seed_words <= declared or not 8 <= grid_bits <= 24 or not 8 <= image_bits <= 22:
+    if sum(batches) + lead_images != count or lead_images < 0 or any(not 0 < b <= MAX_BATCH for b in batches):
+        raise CodecError("archive header's lead and batch sizes do not add up to its image count")
+    if (
+        not 0 < seed_words <= declared
+        or not 8 <= grid_bits <= 24
+        or not 8 <= image_bits <= 22
+        or check_bytes not in (1, 2, 4)
+        or not 0 <= lead_bytes
+        or (lead_images > 0) != (lead_bytes > 0)
+        or _seed_layout_words(count, check_bytes, lead_bytes) > seed_words
+    ):
         raise CodecError("archive header's coder settings are out of range")
     if names is not None and (len(names) != count or not all(isinstance(n, str) and _safe_name(n) for n in names)):
         raise CodecError("archive header's image names are not one plain file name per image")
@@ -361,12 +421,27 @@ def decompress(data: bytes, model, *, progress=None) -> Decompressed:
         raise CodecError(f"decoding did not reproduce the encoder's computation ({e}); nothing was written") from None
     finally:
         torch.set_num_threads(threads)
+    settings = int(coder_settings["check_bytes"]), int(coder_settings["lead_images"]), int(coder_settings["lead_bytes"])
+    check_bytes, lead_images, lead_bytes = settings
+    count, shape = int(header["images"]["count"]), tuple(header["images"]["shape"])
+    left = coder.words()
+    if left.size != int(coder_settings["seed_words"]):
+        raise CodecError("decoding did not reproduce the images exactly (the stack did not unwind to its seed); "
+                         "nothing was written")  # fmt: skip
+    start = 4 * -(-(32 + check_bytes * count) // 4)
+    lead_data = left.astype("<u4").tobytes()[start : start + lead_bytes]
+    if lead_images:
+        try:
+            parts.append(decode_lead(lead_data, lead_images, shape))
+        except CodecError as e:
+            raise CodecError(f"decoding did not reproduce the images exactly ({e}); nothing was written") from None
+        if progress is not None:
+            progress(lead_images)
     x = torch.cat(parts[::-1])
     digest, per_image = _image_digests(x)
-    seed = _seed_words(digest, per_image, int(coder_settings["check_bytes"]), int(coder_settings["seed_words"]))
-    left = coder.words()
+    seed = _seed_words(digest, per_image, check_bytes, lead_data, left.size)
     if not np.array_equal(left, seed):
-        bad = _first_mismatch(left, seed, per_image, int(coder_settings["check_bytes"]))
+        bad = _first_mismatch(left, seed, per_image, check_bytes)
         raise CodecError(f"decoding did not reproduce the images exactly ({bad}); nothing was written")
     images = x.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
     return Decompressed(images, header["images"]["names"], header)

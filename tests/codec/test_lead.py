@@ -1,0 +1,44 @@
+"""The lead images: JPEG XL round trips for every channel count, and the choice of how many."""
+
+import pytest
+import torch
+
+from flowpp.codec import CodecError
+from flowpp.codec.lead import choose_lead, decode_lead, encode_lead
+
+
+def _images(n, c, h=5, w=7, top=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, top, (n, c, h, w), generator=g)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_lead_images_come_back_exactly(channels):
+    x = _images(3, channels)
+    assert torch.equal(decode_lead(encode_lead(x), 3, (channels, 5, 7)), x)
+
+
+def test_a_lead_of_another_shape_or_damaged_bytes_is_refused():
+    data = encode_lead(_images(2, 3))
+    with pytest.raises(CodecError, match="shape"):
+        decode_lead(data, 3, (3, 5, 7))
+    with pytest.raises(CodecError, match="do not decode"):
+        decode_lead(b"\xff\x0a" + bytes(10), 2, (3, 5, 7))
+
+
+def test_the_lead_is_the_fewest_images_that_hold_the_bits_asked_for():
+    x = _images(12, 3, 8, 8, seed=1)
+    bits = [8 * len(encode_lead(x[:k])) for k in range(1, 13)]
+    need = bits[4] - 1  # five images hold it, four do not
+    assert bits[3] < need
+    k, data = choose_lead(x, need)
+    assert k == 5 and data == encode_lead(x[:5])
+    assert choose_lead(x, 10 * bits[-1])[0] == 12  # never more than all of them
+    assert choose_lead(x, 1)[0] == 1
+
+
+def test_small_level_counts_cost_little():
+    """A model with 17 levels (the digits): JPEG XL makes use of the small range."""
+    x = _images(4, 1, 8, 8, top=17, seed=2)
+    assert 8 * len(encode_lead(x)) < 6 * x.numel()
+    assert torch.equal(decode_lead(encode_lead(x), 4, (1, 8, 8)), x)
