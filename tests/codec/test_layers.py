@@ -70,6 +70,38 @@ def test_every_main_flow_layer_codes_and_decodes_exactly_at_the_cost_of_its_log_
 
 
 @torch.no_grad()
+def test_a_norm_and_the_pointwise_after_it_are_coded_as_one_diagonal(tiny_model, single_thread, monkeypatch):
+    """W^T (g x + b) = P L (D G U' x + D U b): the pair costs its two log-dets, exactly
+    inverted, with one coded diagonal per half instead of two."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (3, *tiny_model.config.image_shape))
+    walk = _walk(tiny_model, x)
+    pairs = [
+        (i, walk[i]) for i in range(len(walk) - 1)
+        if isinstance(walk[i][0], ElementwiseNorm) and isinstance(walk[i + 1][0], Pointwise)
+    ]  # fmt: skip
+    assert pairs
+    calls = []
+    real = FlowCoder._affine
+    monkeypatch.setattr(FlowCoder, "_affine", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    for i, (norm, grid, value) in pairs:
+        pointwise = walk[i + 1][0]
+        assert float(max((g - 1).abs().max() for g in norm.scales)) > 1e-3  # a norm that does something
+        seed, fc = _coder()
+        calls.clear()
+        before = fc.coder.num_bits()
+        coded = fc.forward([norm, pointwise], grid)
+        spent = fc.coder.num_bits() - before
+        assert len(calls) == 2  # one diagonal per half
+        assert _same(fc.inverse([norm, pointwise], coded), grid)
+        assert np.array_equal(fc.coder.words(), seed)
+        normed, logdet_norm = norm(value)
+        _, logdet_pointwise = pointwise(normed)
+        expected = -(logdet_norm + logdet_pointwise).sum().item() / math.log(2)
+        assert spent == pytest.approx(expected, abs=0.002 * sum(v.numel() for v in value) + 2)
+
+
+@torch.no_grad()
 def test_the_dequantizer_layers_and_its_sigmoid_code_exactly(tiny_model, single_thread):
     x = torch.randint(0, 256, (3, *tiny_model.config.image_shape))
     context = tiny_model.dequantizer.context_net(x.double())

@@ -47,10 +47,10 @@ from .entropy import CodecError, StackCoder
 __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
 OP_STD = 8.0  # grid steps that each local bits-back Gaussian spans at least
-CHUNKS = 4  # pieces of a constant affine map, coded one after the other (see _affine)
 INVERSE_STEPS = 12  # Newton steps per coupling inverse at most (see _coupling_maps)
 INVERSE_CHECK = 1
-INVERSE_TOLERANCE = 0.03  # grid steps: after a Newton step this small the error is its square, far below that
+# Grid steps: after a Newton step this small the error is about its square, a tiny fraction of a step.
+INVERSE_TOLERANCE = 1.0
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
 _REARRANGE = (StripeSplit, ChannelSplit, SwapHalves, Squeeze)
 
@@ -82,16 +82,18 @@ class FlowCoder:
     # --- walking the layers ----------------------------------------------------------------
 
     def forward(self, layers, k, context: Tensor | None = None):
-        for layer in layers:
-            k = self._layer(layer, k, context, forward=True)
+        for step in _fuse(layers):
+            k = self._layer(step, k, context, forward=True)
         return k
 
     def inverse(self, layers, k, context: Tensor | None = None):
-        for layer in reversed(list(layers)):
-            k = self._layer(layer, k, context, forward=False)
+        for step in reversed(_fuse(layers)):
+            k = self._layer(step, k, context, forward=False)
         return k
 
     def _layer(self, layer, k, context, forward: bool):
+        if isinstance(layer, tuple):  # a Norm and the Pointwise after it, coded as one map
+            return self._per_part(k, forward, lambda p, i: self._pointwise(p, layer[1], i, forward, norm=layer[0]))
         inner = layer.flow if isinstance(layer, Inverse) else layer
         if isinstance(inner, _REARRANGE):
             run_forward = forward != isinstance(layer, Inverse)
@@ -198,6 +200,7 @@ class FlowCoder:
             y, log_slope = mixture_inverse_logit_cdf(
                 (z - t) * torch.exp(-s), logits, means, log_scales,
                 max_iters=INVERSE_STEPS, check_every=INVERSE_CHECK, with_log_slope=True,
+                linear_terms=True, compact=True,
                 tolerance=INVERSE_TOLERANCE * 2.0**-self.grid_bits,
             )  # fmt: skip
             return y, log_slope + s
@@ -221,56 +224,58 @@ class FlowCoder:
     def _affine(self, k: Tensor, scale: Tensor, offset: Tensor, sign: Tensor, forward: bool) -> Tensor:
         """y' = scale * (sign * y) + offset per element (scale > 0, parameters broadcast over the
         batch), by local bits-back with Gaussians, which is exact for a linear map: no rational
-        approximation of the scale, whose error a large Norm scale would blow up.
-
-        In chunks, each decoded and encoded back before the next, so that the stack lends a
-        chunk's worth of bits at a time rather than the whole tensor's."""
+        approximation of the scale, whose error a large Norm scale would blow up."""
         shape, step = k.shape, self.step
         scale_b, offset_b, sign_b = (
             np.ascontiguousarray(np.broadcast_to(_np(t), shape)).reshape(-1) for t in (scale, offset, sign)
         )
         values = _np(k).reshape(-1)
-        out = np.empty_like(values)
         # sigma spans OP_STD grid steps on the narrower side, as in _elementwise.
         in_std = OP_STD * np.maximum(1.0, 1.0 / scale_b)
         out_std = in_std * scale_b
-        chunks = _chunks(values.size)
         if forward:
             values = values * sign_b
-            for c in chunks:
-                mean = (scale_b[c] * (values[c] * step) + offset_b[c]) / step
-                out[c] = self.coder.pop_gaussian(mean, out_std[c])
-                back = ((out[c] * step - offset_b[c]) / scale_b[c]) / step
-                self.coder.push_gaussian(values[c], back, in_std[c])
+            out = self.coder.pop_gaussian((scale_b * (values * step) + offset_b) / step, out_std)
+            self.coder.push_gaussian(values, ((out * step - offset_b) / scale_b) / step, in_std)
             return torch.from_numpy(out).view(shape)
-        for c in reversed(chunks):
-            back = ((values[c] * step - offset_b[c]) / scale_b[c]) / step
-            out[c] = self.coder.pop_gaussian(back, in_std[c])
-            mean = (scale_b[c] * (out[c] * step) + offset_b[c]) / step
-            self.coder.push_gaussian(values[c], mean, out_std[c])
+        out = self.coder.pop_gaussian(((values * step - offset_b) / scale_b) / step, in_std)
+        self.coder.push_gaussian(values, (scale_b * (out * step) + offset_b) / step, out_std)
         return torch.from_numpy(out * sign_b).view(shape)
 
     # --- Pointwise: P L D U ------------------------------------------------------------------------
 
-    def _pointwise(self, k: Tensor, layer: Pointwise, part: int, forward: bool) -> Tensor:
-        key = (id(layer), part)
+    def _pointwise(self, k: Tensor, layer: Pointwise, part: int, forward: bool, norm=None) -> Tensor:
+        """y = W^T x at every pixel, or W^T (g x + b) with the ElementwiseNorm before it.
+
+        W^T = P L D U (LU with pivoting; L, U unit triangular, D diagonal). The Norm's diagonal G
+        moves through U, U G = G U' with U' = G^-1 U G (unit upper triangular again, its
+        coefficients now per pixel): W^T (G x + b) = P L (D G U' x + D U b). So the pair is two
+        exact integer shears around one coded diagonal, D G, instead of two coded diagonals."""
+        key = (id(layer), id(norm), part)
         if key not in self._cache:
-            # y = W^T x at every pixel; W^T = P L U with L unit lower, U = D U1, U1 unit upper.
             perm, lower, upper = torch.linalg.lu(layer.weights[part].detach().double().cpu().T)
             d = torch.diagonal(upper).clone()
             unit_upper = upper / d[:, None]
-            sign = torch.where(d < 0, -1, 1).long()
+            sign = torch.where(d < 0, -1, 1).long().view(-1, 1, 1)
             order = perm.argmax(dim=1)  # y[a] = t[order[a]]
-            view = (-1, 1, 1)
-            self._cache[key] = (unit_upper, lower, d.abs().view(view), sign.view(view), order)
-        unit_upper, lower, scale, sign, order = self._cache[key]
+            channels = d.numel()
+            if norm is None:
+                shear_upper = unit_upper.view(channels, channels, 1, 1)
+                scale, offset = d.abs().view(-1, 1, 1), torch.zeros((), dtype=torch.float64)
+            else:
+                g = norm.scales[part].detach().double().clamp_min(1e-10).cpu()  # (C, H, W)
+                b = norm.biases[part].detach().double().cpu()
+                shear_upper = unit_upper[:, :, None, None] * g[None] / g[:, None]
+                scale = d.abs().view(-1, 1, 1) * g
+                offset = d.view(-1, 1, 1) * torch.einsum("ij,jhw->ihw", unit_upper, b)
+            self._cache[key] = (shear_upper, lower, scale, sign, offset, order)
+        shear_upper, lower, scale, sign, offset, order = self._cache[key]
         channels = k.shape[1]
-        zero = torch.zeros((), dtype=torch.float64)
         if forward:
             k = k.clone()
             for i in range(channels):
-                k[:, i] += _shear(k[:, i + 1 :], unit_upper[i, i + 1 :])
-            k = self._affine(k, scale, zero, sign, True)
+                k[:, i] += _shear(k[:, i + 1 :], shear_upper[i, i + 1 :])
+            k = self._affine(k, scale, offset, sign, True)
             for i in reversed(range(channels)):
                 k[:, i] += _shear(k[:, :i], lower[i, :i])
             return k[:, order]
@@ -278,9 +283,9 @@ class FlowCoder:
         t[:, order] = k
         for i in range(channels):
             t[:, i] -= _shear(t[:, :i], lower[i, :i])
-        t = self._affine(t, scale, zero, sign, False)
+        t = self._affine(t, scale, offset, sign, False)
         for i in reversed(range(channels)):
-            t[:, i] -= _shear(t[:, i + 1 :], unit_upper[i, i + 1 :])
+            t[:, i] -= _shear(t[:, i + 1 :], shear_upper[i, i + 1 :])
         return t
 
     # --- the dequantizer's sigmoid -------------------------------------------------------------
@@ -315,14 +320,23 @@ class FlowCoder:
         return lo + torch.from_numpy(self.coder.pop_uniform(_np(hi - lo))).view(i.shape)
 
 
-def _chunks(n: int) -> list[slice]:
-    size = max(1, -(-n // CHUNKS))
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-
 def _shear(others: Tensor, coefficients: Tensor) -> Tensor:
-    """round(sum_j c_j k_j) over the channel axis: an exact, invertible integer shear."""
+    """round(sum_j c_j k_j) over the channel axis: an exact, invertible integer shear
+    (coefficients per channel, or per channel and pixel)."""
     if others.shape[1] == 0:
         return 0
-    total = (others.double() * coefficients.view(1, -1, *([1] * (others.dim() - 2)))).sum(dim=1)
+    if coefficients.dim() == 1:
+        coefficients = coefficients.view(-1, *([1] * (others.dim() - 2)))
+    total = (others.double() * coefficients.unsqueeze(0)).sum(dim=1)
     return torch.round(total).long()
+
+
+def _fuse(layers) -> list:
+    """The layers in order, each ElementwiseNorm followed by a Pointwise as one (norm, pointwise) step."""
+    out = []
+    for layer in layers:
+        if isinstance(layer, Pointwise) and out and isinstance(out[-1], ElementwiseNorm):
+            out[-1] = (out[-1], layer)
+        else:
+            out.append(layer)
+    return out
