@@ -246,3 +246,19 @@ def test_a_damaged_lead_is_refused(tiny_model, archive):
     words[first_lead_word + 3] ^= 0x00FF0000
     with pytest.raises(CodecError, match="did not reproduce the images exactly"):
         decompress(_pack(header, words), tiny_model)
+
+
+def test_a_batch_that_borrows_more_than_the_stack_holds_is_undone_and_coded_in_halves(
+    tiny_model, single_thread, monkeypatch
+):
+    from flowpp.codec import bitsback
+    from flowpp.codec.entropy import StackCoder
+
+    monkeypatch.setattr(bitsback, "_SAFETY", 0.4)  # plan batches 2.5 times too large
+    restores = []
+    real = StackCoder.restore
+    monkeypatch.setattr(StackCoder, "restore", lambda self, words: (restores.append(1), real(self, words))[1])
+    x = _images(tiny_model.config, 12, seed=4)
+    data = compress(tiny_model, x, lead=False)
+    assert restores and sum(read_header(data)[0]["coder"]["batches"]) == 12
+    assert np.array_equal(decompress(data, tiny_model).images, x.permute(0, 2, 3, 1).numpy())

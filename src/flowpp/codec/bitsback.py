@@ -26,7 +26,7 @@ from .layers import FlowCoder
 
 __all__ = ["encode_batch", "decode_batch", "EncodeStats", "plan_and_encode", "RanDry"]
 
-_SAFETY = 1.25  # a batch borrows at most 1/_SAFETY of the stack, against per-image variation
+_SAFETY = 1.1  # a batch borrows at most 1/_SAFETY of the stack, against per-image variation
 
 
 def _dequantizer_layers(model):
@@ -99,23 +99,37 @@ def plan_and_encode(
     fc: FlowCoder, model, images: torch.Tensor, *, max_batch: int, keep_noise: bool = False, progress=None
 ) -> EncodeStats:
     """Encode ``images`` onto ``fc.coder`` in growing batches; raises ``RanDry`` when the stack
-    held too few bits to lend (the caller seeds it more and starts again)."""
+    held too few bits to lend even one image (the caller seeds it more and starts again). A
+    batch that borrowed more than the stack held is undone and coded again in halves."""
     stats = EncodeStats()
     done, borrow_per_image = 0, None
     total = images.shape[0]
+    size_cap = max_batch
     while done < total:
         available = fc.coder.num_bits()
         if borrow_per_image is None:
             size = 1
         else:
-            size = int(max(1, min(max_batch, total - done, available // (_SAFETY * borrow_per_image))))
+            size = int(max(1, min(size_cap, total - done, available // (_SAFETY * borrow_per_image))))
+        snapshot = fc.coder.words() if size > 1 else None
         start = fc.coder.num_bits()
         fc.coder.low_water = start
-        noise = encode_batch(fc, model, images[done : done + size])
+        try:
+            noise = encode_batch(fc, model, images[done : done + size])
+        except CodecError:
+            # Values decoded from an exhausted stack are arbitrary and may not code back: that
+            # is running dry, not a property of the images.
+            if fc.coder.low_water >= 64:
+                raise
         borrowed = start - fc.coder.low_water
-        if fc.coder.low_water < 64:
-            raise RanDry(borrowed / size)
         borrow_per_image = max(borrow_per_image or 0.0, borrowed / size)
+        if fc.coder.low_water < 64:
+            if snapshot is None:
+                raise RanDry(borrowed / size)
+            fc.coder.restore(snapshot)
+            size_cap = max(1, size // 2)
+            continue
+        size_cap = max_batch
         spent = fc.coder.num_bits() - start
         stats.batches.append(size)
         stats.image_bits.extend([spent / size] * size)

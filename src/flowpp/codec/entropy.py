@@ -65,6 +65,11 @@ class StackCoder:
         self._excess_bits = c.stream.model.Categorical(_EXCESS_BIT_PROBABILITIES, perfect=False)
         self.low_water = self.num_bits()
 
+    def restore(self, words: np.ndarray) -> None:
+        """Return to the state that ``words()`` returned (undoing what was coded since)."""
+        self._ans = _constriction().stream.stack.AnsCoder(np.asarray(words, np.uint32))
+        self.low_water = self.num_bits()
+
     def num_bits(self) -> int:
         return int(self._ans.num_valid_bits())
 
@@ -116,35 +121,43 @@ class StackCoder:
         """Encode integers ``values`` under N(mean, std^2) quantized to unit bins (grid units)."""
         values = _flat(values, np.int64)
         centre, step, coarse_mean, coarse_std = _levels(_flat(mean, np.float64), _flat(std, np.float64), values.size)
-        window = _window(coarse_std)
+        groups, window = _groups(coarse_std)
         rest = values - centre
-        coarse = rest // step  # floor division: the coarse bin, also for negative offsets
-        fine = rest - coarse * step
+        if step is None:  # bins of one grid step: nothing below the coarse level
+            coarse = rest
+        else:
+            coarse = rest // step  # floor division: the coarse bin, also for negative offsets
+            self.push_uniform(rest - coarse * step, step)
         escaped = np.abs(coarse) >= window
-        excess = np.abs(coarse[escaped]) - window[escaped]
-        if excess.size and int(excess.max()) >= (1 << _ESCAPE_BITS):
-            raise CodecError("a value lies too far from its coding distribution to be coded (over 2**23 coarse bins)")
-        self.push_uniform(fine, step)
         if escaped.any():
+            excess = np.abs(coarse[escaped]) - (window[escaped] if np.ndim(window) else window)
+            if int(excess.max()) >= (1 << _ESCAPE_BITS):
+                raise CodecError(
+                    "a value lies too far from its coding distribution to be coded (over 2**23 coarse bins)"
+                )
             self._push_excess(excess)
-        symbols = np.clip(coarse, -window, window).astype(np.int32)
-        for w, members in _groups(window):
+            coarse = np.clip(coarse, -window, window)
+        symbols = coarse.astype(np.int32)
+        for w, members in groups:
             self._ans.encode_reverse(symbols[members], self._gauss(w), coarse_mean[members], coarse_std[members])
 
     def pop_gaussian(self, mean: np.ndarray, std: np.ndarray, count: int | None = None) -> np.ndarray:
         """Decode integers under N(mean, std^2) (``mean``/``std`` may be scalars with ``count``)."""
         n = count if count is not None else np.size(mean)
         centre, step, coarse_mean, coarse_std = _levels(_flat(mean, np.float64), _flat(std, np.float64), n)
-        window = _window(coarse_std)
-        coarse = np.empty(n, np.int64)
-        for w, members in reversed(_groups(window)):
-            coarse[members] = self._ans.decode(self._gauss(w), coarse_mean[members], coarse_std[members])
+        groups, window = _groups(coarse_std)
+        if len(groups) == 1:
+            coarse = self._ans.decode(self._gauss(groups[0][0]), coarse_mean, coarse_std).astype(np.int64)
+        else:
+            coarse = np.empty(n, np.int64)
+            for w, members in reversed(groups):
+                coarse[members] = self._ans.decode(self._gauss(w), coarse_mean[members], coarse_std[members])
         escaped = np.abs(coarse) >= window
         if escaped.any():
             coarse[escaped] += np.sign(coarse[escaped]) * self._pop_excess(int(escaped.sum()))
-        fine = self.pop_uniform(step)
+        out = centre + coarse if step is None else centre + coarse * step + self.pop_uniform(step)
         self._after_pop()
-        return centre + coarse * step + fine
+        return out
 
     def _gauss(self, window: int):
         if window not in self._families:
@@ -175,20 +188,22 @@ _EXCESS_BIT_PROBABILITIES = np.array([4.0**-b for b in range(_ESCAPE_BITS + 1)])
 _LADDER = np.asarray(WINDOWS, np.int64)
 
 
-def _window(coarse_std: np.ndarray) -> np.ndarray:
+def _groups(coarse_std: np.ndarray) -> tuple[list, np.ndarray | int]:
+    """Each value's window (the first of the ladder at least WINDOW_STDS coarse standard
+    deviations), and (window, members) for each window in use, in increasing order; members is
+    a slice when one window serves all (the common case: no gathering)."""
     index = np.searchsorted(_LADDER, np.ceil(WINDOW_STDS * coarse_std), side="left")
-    return _LADDER[np.minimum(index, _LADDER.size - 1)]
-
-
-def _groups(window: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(window, indices) for each window in use, in increasing order of window."""
-    first = window[0] if window.size else 0
-    if window.size == 0 or (window == first).all():  # the common case: one window for all
-        return [(int(first), np.arange(window.size))] if window.size else []
-    order = np.argsort(window, kind="stable")
-    values, starts = np.unique(window[order], return_index=True)
-    ends = list(starts[1:]) + [window.size]
-    return [(int(w), order[a:b]) for w, a, b in zip(values, starts, ends)]
+    np.minimum(index, _LADDER.size - 1, out=index)
+    if index.size == 0:
+        return [], 0
+    first, last = int(index.min()), int(index.max())
+    if first == last:
+        return [(int(_LADDER[first]), slice(None))], int(_LADDER[first])
+    order = np.argsort(index, kind="stable")
+    ends = np.cumsum(np.bincount(index, minlength=_LADDER.size))
+    starts = ends - np.bincount(index, minlength=_LADDER.size)
+    groups = [(int(_LADDER[i]), order[starts[i] : ends[i]]) for i in range(_LADDER.size) if ends[i] > starts[i]]
+    return groups, _LADDER[index]
 
 
 def _flat(a, dtype) -> np.ndarray:
@@ -196,17 +211,19 @@ def _flat(a, dtype) -> np.ndarray:
 
 
 def _levels(mean: np.ndarray, std: np.ndarray, n: int):
-    """Centre (an integer near the mean), coarse bin size (a power of two), and the coarse
-    Gaussian's mean and standard deviation in coarse bins, for each value."""
+    """Centre (an integer near the mean), coarse bin size (a power of two; None for bins of one
+    step), and the coarse Gaussian's mean and standard deviation in coarse bins, for each value."""
     mean = np.broadcast_to(mean, (n,)) if mean.size == 1 else mean
     std = np.broadcast_to(std, (n,)) if std.size == 1 else std
-    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+    if n and not (np.isfinite(mean).all() and np.isfinite(std).all() and std.min() > 0):
         raise CodecError("the coding distribution has a non-finite mean or a non-positive spread")
-    exponent = np.clip(np.ceil(np.log2(std / COARSE_STD)), 0, _MAX_LEVEL_BITS).astype(np.int64)
-    step = np.left_shift(np.int64(1), exponent)
     centre = np.floor(mean).astype(np.int64)
     # Coarse bin h holds grid values centre + h*step .. centre + h*step + step - 1, i.e. the
     # continuous interval [h*step - 0.5, (h+1)*step - 0.5) around the centre.
+    if n == 0 or std.max() <= COARSE_STD:
+        return centre, None, np.ascontiguousarray(mean - centre), np.ascontiguousarray(std)
+    exponent = np.clip(np.ceil(np.log2(std / COARSE_STD)), 0, _MAX_LEVEL_BITS).astype(np.int64)
+    step = np.left_shift(np.int64(1), exponent)
     coarse_mean = np.ascontiguousarray((mean - centre + 0.5) / step - 0.5, dtype=np.float64)
     coarse_std = np.ascontiguousarray(std / step, dtype=np.float64)
     return centre, step, coarse_mean, coarse_std
