@@ -532,42 +532,43 @@ def test_inverse_can_return_its_slope_and_stop_at_a_coarser_tolerance():
     assert (rough - exact).abs().max() < 1e-6
 
 
-def test_inverse_with_linear_terms_finds_the_same_roots_also_where_sums_underflow():
-    """Sums of sigmoids instead of log-sum-exps (the codec's faster option): the same roots and
-    slopes to rounding, and where a sum underflows (targets of -+800 and beyond, a component 1e3
-    scales off) the log-space fallback keeps both finite."""
+def test_a_prepared_mixture_agrees_with_the_functions_also_where_sums_underflow():
+    """Sums of sigmoids instead of log-sum-exps (the codec's faster path): the same values,
+    roots and slopes to rounding; where a sum underflows (targets of -+800 and beyond, points
+    1e3 scales off) the log-space fallback keeps everything finite."""
     g = torch.Generator().manual_seed(1)
-    shape = (200, 6)
+    shape = (2, 100, 6)
     logits, means = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
     log_scales = torch.randn(shape, generator=g, dtype=torch.float64) - 1
-    target = 4 * torch.randn(200, generator=g, dtype=torch.float64)
-    target[:4] = torch.tensor([-800.0, 800.0, -5000.0, 5000.0], dtype=torch.float64)
+    target = 4 * torch.randn(shape[:-1], generator=g, dtype=torch.float64)
+    target[0, :4] = torch.tensor([-800.0, 800.0, -5000.0, 5000.0], dtype=torch.float64)
+    mixture = M.PreparedMixture(logits, means, log_scales)
     exact, exact_slope = M.mixture_inverse_logit_cdf(target, logits, means, log_scales, with_log_slope=True)
-    x, slope = M.mixture_inverse_logit_cdf(target, logits, means, log_scales, with_log_slope=True, linear_terms=True)
-    assert torch.isfinite(x).all() and torch.isfinite(slope).all()
+    x, slope = mixture.inverse_logit_cdf(target, tolerance=0.0, max_iters=100)
+    assert x.shape == target.shape and torch.isfinite(x).all() and torch.isfinite(slope).all()
     assert torch.allclose(x, exact, rtol=1e-12, atol=1e-12)
     assert torch.allclose(slope, exact_slope, rtol=1e-9, atol=1e-9)
-    log_weights, inv_scales, log_weights_pdf = M._prepare(logits, log_scales)
-    weights = torch.softmax(logits, -1)
-    terms = M._linear_terms(x, log_weights, means, inv_scales, log_weights_pdf, weights, weights * inv_scales)
-    reference = M.mixture_terms(x, logits, means, log_scales)
-    for mine, theirs in zip(terms, reference):
-        assert torch.allclose(mine, theirs, rtol=1e-12, atol=1e-12)
+    points = torch.cat([x, x + 1e3 * torch.exp(log_scales).amax(-1)], dim=1)
+    both = M.PreparedMixture(*(torch.cat([a, a], dim=1) for a in (logits, means, log_scales)))
+    for mine, theirs in zip(
+        both.logit_cdf(points),
+        M.mixture_logit_cdf(points, *(torch.cat([a, a], dim=1) for a in (logits, means, log_scales))),
+    ):
+        assert torch.isfinite(mine).all() and torch.allclose(mine, theirs, rtol=1e-10, atol=1e-10)
 
 
-def test_the_compacting_inverse_takes_the_same_steps():
-    """Dropping converged elements from the work changes nothing but the work: the same roots
-    to the solver's precision, and at a coarse tolerance, no element further off than it."""
+def test_a_prepared_mixture_stops_at_the_tolerance_asked_for():
+    """Dropping converged elements, and stopping on the error a Newton step leaves: no element
+    further from the root than the tolerance."""
     g = torch.Generator().manual_seed(2)
-    shape = (300, 5)
+    shape = (3, 100, 5)
     logits, means = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
     log_scales = torch.randn(shape, generator=g, dtype=torch.float64) - 1
-    target = (5 * torch.randn(300, generator=g, dtype=torch.float64)).view(3, 100)
-    params = [a.view(3, 100, 5) for a in (logits, means, log_scales)]
-    exact = M.mixture_inverse_logit_cdf(target, *params)
-    for linear in (False, True):
-        x, slope = M.mixture_inverse_logit_cdf(target, *params, compact=True, linear_terms=linear, with_log_slope=True)
-        assert x.shape == target.shape and torch.allclose(x, exact, rtol=1e-12, atol=1e-12)
-        assert torch.allclose(slope, M.mixture_logit_cdf(x, *params)[1], atol=1e-6)
-        rough = M.mixture_inverse_logit_cdf(target, *params, compact=True, linear_terms=linear, tolerance=1e-4)
-        assert (rough - exact).abs().max() < 1e-4
+    target = 5 * torch.randn(shape[:-1], generator=g, dtype=torch.float64)
+    exact = M.mixture_inverse_logit_cdf(target, logits, means, log_scales)
+    mixture = M.PreparedMixture(logits, means, log_scales)
+    for tolerance in (1e-4, 1e-7):
+        rough, slope = mixture.inverse_logit_cdf(target, tolerance=tolerance, max_iters=12)
+        assert (rough - exact).abs().max() < tolerance
+        # the slope at the point before the last step: close to the root's
+        assert torch.allclose(slope, M.mixture_logit_cdf(rough, logits, means, log_scales)[1], atol=0.05)

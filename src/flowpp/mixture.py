@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "MixtureTerms",
+    "PreparedMixture",
     "mixture_terms",
     "mixture_log_cdf",
     "mixture_log_sf",
@@ -140,8 +141,6 @@ def mixture_inverse_logit_cdf(
     check_every: int = 4,
     with_log_slope: bool = False,
     tolerance: float = 0.0,
-    linear_terms: bool = False,
-    compact: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Solve ``logit F(x) = target_logit`` for x, elementwise.
 
@@ -155,25 +154,15 @@ def mixture_inverse_logit_cdf(
     ``with_log_slope`` also returns log d/dx logit F at the last point evaluated (the root, up to
     the last step), which the iteration has computed anyway. ``tolerance``: also stop refining
     an element once its step is at most this (absolute), for callers that need less than full
-    precision. ``linear_terms``: evaluate the mixture as sums of sigmoids (faster on a CPU, the
-    same precision except near underflow, where it falls back to log space with a host sync).
-    ``compact``: iterate only on the elements not yet converged, gathering them whenever a
-    quarter of them have (host syncs every iteration; for CPU callers, where a few hard elements
-    would otherwise keep the whole tensor iterating).
+    precision. :class:`PreparedMixture` solves the same problem faster on a CPU.
     """
     dtype = target_logit.dtype
     eps = torch.finfo(dtype).eps
     if max_iters is None:
         max_iters = 100 if dtype == torch.float64 else 60
-    if compact:
-        x, log_slope = _inverse_compacting(target_logit, logits, means, log_scales, max_iters, tolerance, linear_terms)
-        return (x, log_slope) if with_log_slope else x
     v = target_logit
     lo, hi, x = _initial_bracket(v, logits, means, log_scales)
     log_weights, inv_scales, log_weights_pdf = _prepare(logits, log_scales)  # hoisted out of the loop
-    if linear_terms:
-        weights = torch.softmax(logits, dim=-1)
-        weights_pdf = weights * inv_scales
     # As in Numerical Recipes' rtsafe: a Newton step is taken only if it stays in the bracket and
     # is less than half the step before last; otherwise bisect. This rules out Newton cycles
     # between the bracket ends, while a root that is itself a bracket end is still reached.
@@ -182,10 +171,7 @@ def mixture_inverse_logit_cdf(
     done = torch.zeros_like(x, dtype=torch.bool)
     residual_tol = 8 * eps * (1.0 + v.abs())
     for it in range(max_iters):
-        if linear_terms:
-            t = _linear_terms(x, log_weights, means, inv_scales, log_weights_pdf, weights, weights_pdf)
-        else:
-            t = _terms(x, log_weights, means, inv_scales, log_weights_pdf)
+        t = _terms(x, log_weights, means, inv_scales, log_weights_pdf)
         g = t.log_cdf - t.log_sf - v
         # Converged elements are frozen: a residual at the level of rounding in logit F itself
         # (float32 cannot improve x beyond it), or x pinned to a few ulps (below).
@@ -210,62 +196,84 @@ def mixture_inverse_logit_cdf(
     return (x, log_slope) if with_log_slope else x
 
 
-def _inverse_compacting(
-    v: Tensor, logits: Tensor, means: Tensor, log_scales: Tensor, max_iters: int, tolerance: float, linear: bool
-) -> tuple[Tensor, Tensor]:
-    """The iteration of :func:`mixture_inverse_logit_cdf` (same steps) on flattened elements,
-    dropping converged ones from the work as they accumulate. With a ``tolerance``, an element
-    also stops once the error left after its last Newton step, estimated from the quadratic
-    convergence as step^2 / (step before), is below it: one evaluation fewer than waiting for a
-    step that small."""
-    k = logits.shape[-1]
-    lead = torch.broadcast_shapes(v.shape, logits.shape[:-1], means.shape[:-1], log_scales.shape[:-1])
-    v = v.expand(lead).reshape(-1)
-    logits, means, log_scales = (a.expand(*lead, k).reshape(-1, k) for a in (logits, means, log_scales))
-    eps = torch.finfo(v.dtype).eps
-    lo, hi, x = _initial_bracket(v, logits, means, log_scales)
-    params = list(_prepare(logits, log_scales))  # log_weights, inv_scales, log_weights_pdf
-    params.insert(1, means)
-    if linear:
-        weights = torch.softmax(logits, dim=-1)
-        params += [weights, weights * params[2]]
-    out_x, out_slope = torch.empty_like(x), torch.empty_like(x)
-    index = torch.arange(x.numel())
-    step = hi - lo
-    step_before = step
-    done = torch.zeros_like(x, dtype=torch.bool)
-    residual_tol = 8 * eps * (1.0 + v.abs())
-    for it in range(max_iters):
-        t = _linear_terms(x, *params) if linear else _terms(x, *params)
-        g = t.log_cdf - t.log_sf - v
-        done = done | (g.abs() <= residual_tol) | (g == 0)
-        log_slope = t.log_pdf - t.log_cdf - t.log_sf
-        lo = torch.where(g < 0, x, lo)
-        hi = torch.where(g > 0, x, hi)
-        newton_step = g * torch.exp(-log_slope)
-        newton = x - newton_step
-        use_newton = (
-            (newton >= lo) & (newton <= hi) & torch.isfinite(newton) & (2 * newton_step.abs() <= step_before.abs())
-        )
-        x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
-        step_before, step = step, x_next - x
-        tol = torch.clamp(4 * eps * x_next.abs() + 1e-30, min=tolerance)
-        done = done | (step.abs() <= tol) | (hi - lo <= tol)
-        if tolerance > 0 and it > 0:
-            left = step * step / step_before.abs().clamp_min(1e-300)
-            done = done | (use_newton & (left <= tolerance) & (step.abs() < 0.5 * step_before.abs()))
-        x = x_next
-        finished = int(done.sum())
-        if finished == x.numel() or it == max_iters - 1:
-            out_x[index], out_slope[index] = x, log_slope
-            break
-        if 4 * finished >= x.numel():
-            out_x[index[done]], out_slope[index[done]] = x[done], log_slope[done]
-            keep = ~done
-            index, x, lo, hi, v, residual_tol = (a[keep] for a in (index, x, lo, hi, v, residual_tol))
-            step, step_before, done = step[keep], step_before[keep], done[keep]
-            params = [p[keep] for p in params]
-    return out_x.view(lead), out_slope.view(lead)
+class PreparedMixture:
+    """A logistic mixture per element, prepared once for repeated evaluation on a CPU (the
+    codec evaluates each coupling's mixtures once forward and several times inverting).
+
+    The parameters are flattened and their weights kept in linear and log form; the mixture is
+    evaluated as sums of sigmoids (:func:`_linear_terms`: the same precision, falling back to
+    log space where a sum underflows, with a host sync), and the inverse iterates only on the
+    elements not yet converged. Results agree with :func:`mixture_logit_cdf` and
+    :func:`mixture_inverse_logit_cdf` to rounding.
+    """
+
+    def __init__(self, logits: Tensor, means: Tensor, log_scales: Tensor):
+        k = logits.shape[-1]
+        self.shape = torch.broadcast_shapes(logits.shape, means.shape, log_scales.shape)[:-1]
+        logits, means, log_scales = (a.expand(*self.shape, k).reshape(-1, k) for a in (logits, means, log_scales))
+        log_weights = torch.log_softmax(logits, dim=-1)
+        weights = torch.exp(log_weights)
+        inv_scales = torch.exp(-log_scales)
+        # The order _linear_terms takes them in.
+        self.params = [log_weights, means, inv_scales, log_weights - log_scales, weights, weights * inv_scales]
+        self.scales = torch.exp(log_scales)
+
+    def logit_cdf(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``logit F(x)`` and ``log d/dx logit F(x)``, as :func:`mixture_logit_cdf`."""
+        t = _linear_terms(x.reshape(-1), *self.params)
+        return (t.log_cdf - t.log_sf).view(self.shape), (t.log_pdf - t.log_cdf - t.log_sf).view(self.shape)
+
+    def inverse_logit_cdf(self, target_logit: Tensor, *, tolerance: float, max_iters: int) -> tuple[Tensor, Tensor]:
+        """x with ``logit F(x) = target_logit``, and log d/dx logit F at the last point evaluated.
+
+        The iteration of :func:`mixture_inverse_logit_cdf` (the same steps), dropping converged
+        elements from the work whenever a quarter of those left have converged. An element
+        stops once its step is at most ``tolerance`` or, sooner, once the error its last Newton
+        step leaves, estimated from the quadratic convergence as step^2 / (step before), is:
+        one evaluation fewer than waiting for a step that small."""
+        v = target_logit.reshape(-1)
+        eps = torch.finfo(v.dtype).eps
+        log_weights, means, inv_scales, _, weights, _ = params = list(self.params)
+        candidates = means + v.unsqueeze(-1) * self.scales  # as in _initial_bracket
+        lo, hi = candidates.amin(dim=-1), candidates.amax(dim=-1)
+        x = torch.linalg.vecdot(weights, candidates).clamp(lo, hi)
+        out_x, out_slope = torch.empty_like(x), torch.empty_like(x)
+        index = torch.arange(x.numel())
+        step = hi - lo
+        step_before = step
+        done = torch.zeros_like(x, dtype=torch.bool)
+        residual_tol = 8 * eps * (1.0 + v.abs())
+        for it in range(max_iters):
+            t = _linear_terms(x, *params)
+            g = t.log_cdf - t.log_sf - v
+            done = done | (g.abs() <= residual_tol) | (g == 0)
+            log_slope = t.log_pdf - t.log_cdf - t.log_sf
+            lo = torch.where(g < 0, x, lo)
+            hi = torch.where(g > 0, x, hi)
+            newton_step = g * torch.exp(-log_slope)
+            newton = x - newton_step
+            use_newton = (
+                (newton >= lo) & (newton <= hi) & torch.isfinite(newton) & (2 * newton_step.abs() <= step_before.abs())
+            )
+            x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
+            step_before, step = step, x_next - x
+            tol = torch.clamp(4 * eps * x_next.abs() + 1e-30, min=tolerance)
+            done = done | (step.abs() <= tol) | (hi - lo <= tol)
+            if tolerance > 0 and it > 0:
+                left = step * step / step_before.abs().clamp_min(1e-300)
+                done = done | (use_newton & (left <= tolerance) & (step.abs() < 0.5 * step_before.abs()))
+            x = x_next
+            finished = int(done.sum())
+            if finished == x.numel() or it == max_iters - 1:
+                out_x[index], out_slope[index] = x, log_slope
+                break
+            if 4 * finished >= x.numel():
+                out_x[index[done]], out_slope[index[done]] = x[done], log_slope[done]
+                keep = ~done
+                index, x, lo, hi, v, residual_tol = (a[keep] for a in (index, x, lo, hi, v, residual_tol))
+                step, step_before, done = step[keep], step_before[keep], done[keep]
+                params = [p[keep] for p in params]
+        return out_x.view(self.shape), out_slope.view(self.shape)
 
 
 def mixture_inverse_cdf(

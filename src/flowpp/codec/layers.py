@@ -41,14 +41,13 @@ from ..flows import (
     StripeSplit,
     SwapHalves,
 )
-from ..mixture import mixture_inverse_logit_cdf, mixture_logit_cdf
+from ..mixture import PreparedMixture
 from .entropy import CodecError, StackCoder
 
 __all__ = ["FlowCoder", "OP_STD", "V_LIMIT"]
 
 OP_STD = 8.0  # grid steps that each local bits-back Gaussian spans at least
 INVERSE_STEPS = 12  # Newton steps per coupling inverse at most (see _coupling_maps)
-INVERSE_CHECK = 1
 # Grid steps: after a Newton step this small the error is about its square, a tiny fraction of a step.
 INVERSE_TOLERANCE = 1.0
 V_LIMIT = 1e4  # the dequantizer's pre-sigmoid values must lie in [-V_LIMIT, V_LIMIT]: sigmoid is 0 or 1 beyond
@@ -188,21 +187,19 @@ class FlowCoder:
 
             return f, f_inv
         s, t, logits, means, log_scales = params
+        mixture = PreparedMixture(logits, means, log_scales)
+        scale = torch.exp(s)
 
         def f(y):
-            logit_cdf, log_slope = mixture_logit_cdf(y, logits, means, log_scales)
-            return torch.exp(s) * logit_cdf + t, log_slope + s
+            logit_cdf, log_slope = mixture.logit_cdf(y)
+            return scale * logit_cdf + t, log_slope + s
 
         def f_inv(z):
-            # Safeguarded Newton, at most INVERSE_STEPS steps, stopping early only at a checkpoint
-            # every INVERSE_CHECK steps (both sides stop at the same one: same inputs). The slope
-            # of the last step serves as f' (any function of z both sides compute works).
-            y, log_slope = mixture_inverse_logit_cdf(
-                (z - t) * torch.exp(-s), logits, means, log_scales,
-                max_iters=INVERSE_STEPS, check_every=INVERSE_CHECK, with_log_slope=True,
-                linear_terms=True, compact=True,
-                tolerance=INVERSE_TOLERANCE * 2.0**-self.grid_bits,
-            )  # fmt: skip
+            # The slope at the last point evaluated serves as f' (any function of z that both
+            # sides compute works).
+            y, log_slope = mixture.inverse_logit_cdf(
+                (z - t) / scale, tolerance=INVERSE_TOLERANCE * 2.0**-self.grid_bits, max_iters=INVERSE_STEPS
+            )
             return y, log_slope + s
 
         return f, f_inv
