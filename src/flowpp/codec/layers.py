@@ -175,9 +175,9 @@ class FlowCoder:
     def _coupling_maps(self, layer, k_c: Tensor, context: Tensor | None):
         x_c = (k_c.double() * self.step).to(self.dtype)
         with torch.no_grad():
-            params = [p.double() for p in layer._params(x_c, context)]
+            params = layer._params(x_c, context)
         if isinstance(layer, AffineCoupling):
-            s, t = params
+            s, t = (p.double() for p in params)
 
             def f(y):
                 return y * torch.exp(s) + t, s.expand_as(y)
@@ -187,7 +187,8 @@ class FlowCoder:
 
             return f, f_inv
         s, t, logits, means, log_scales = params
-        mixture = PreparedMixture(logits, means, log_scales)
+        s, t = s.double(), t.double()
+        mixture = PreparedMixture(logits, means, log_scales, dtype=torch.float64)
         scale = torch.exp(s)
 
         def f(y):
