@@ -288,10 +288,12 @@ class PreparedMixture:
                 break
             if 4 * finished >= x.numel():
                 out_x[index[done]], out_slope[index[done]] = x[done], log_slope[done]
-                keep = ~done
-                index, x, lo, hi, v, residual_tol = (a[keep] for a in (index, x, lo, hi, v, residual_tol))
-                step, step_before, done = step[keep], step_before[keep], done[keep]
-                params = [p[..., keep] for p in params]
+                keep = (~done).nonzero().squeeze(1)  # gathered by index: cheaper than a mask per tensor
+                index, x, lo, hi, v, residual_tol, step, step_before = (
+                    a.index_select(0, keep) for a in (index, x, lo, hi, v, residual_tol, step, step_before)
+                )
+                done = torch.zeros_like(x, dtype=torch.bool)
+                params = [p.index_select(-1, keep) for p in params]
         return out_x.view(self.shape), out_slope.view(self.shape)
 
 

@@ -199,10 +199,8 @@ def _groups(coarse_std: np.ndarray) -> tuple[list, np.ndarray | int]:
     first, last = int(index.min()), int(index.max())
     if first == last:
         return [(int(_LADDER[first]), slice(None))], int(_LADDER[first])
-    order = np.argsort(index, kind="stable")
-    ends = np.cumsum(np.bincount(index, minlength=_LADDER.size))
-    starts = ends - np.bincount(index, minlength=_LADDER.size)
-    groups = [(int(_LADDER[i]), order[starts[i] : ends[i]]) for i in range(_LADDER.size) if ends[i] > starts[i]]
+    counts = np.bincount(index, minlength=_LADDER.size)
+    groups = [(int(_LADDER[i]), np.flatnonzero(index == i)) for i in range(first, last + 1) if counts[i]]
     return groups, _LADDER[index]
 
 
