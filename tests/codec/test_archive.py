@@ -209,6 +209,13 @@ def test_the_checksums_at_the_bottom_of_the_stack_are_checked(tiny_model, archiv
         decompress(_pack(header, words), tiny_model)
 
 
+def test_a_model_of_more_than_256_levels_is_refused(tiny_config):
+    model = flowpp.FlowPlusPlus(tiny_config.replace(num_levels=1024)).double()
+    x = torch.randint(0, 1024, (1, *tiny_config.image_shape))
+    with pytest.raises(CodecError, match="at most 256 levels; this model has 1024"):
+        compress(model, x)
+
+
 def test_bad_inputs_are_refused(tiny_model, single_thread):
     x = _images(tiny_model.config, 2)
     with pytest.raises(CodecError, match="no images"):

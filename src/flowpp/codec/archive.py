@@ -153,6 +153,7 @@ def compress(
     (for measurements of bits-back alone). ``stats``, when given, is filled with the bits-back
     images' bits and the noise each used, and the lead's size (for measurements).
     """
+    _check_levels(model)
     x = _as_nchw(images)
     model.check_images(x)
     if x.shape[0] == 0:
@@ -245,6 +246,14 @@ def _first_borrow(x: torch.Tensor, model, grid_bits: int, image_bits: int) -> fl
             return plan_and_encode(trial, model, x, max_batch=1).borrowed_bits[0]
         except RanDry:
             words *= 2
+
+
+def _check_levels(model) -> None:
+    # Images travel as 8-bit values everywhere here: digests, the lead's JPEG XL, the output.
+    if model.config.num_levels > 256:
+        raise CodecError(
+            f"compression handles images of at most 256 levels; this model has {model.config.num_levels}"
+        )
 
 
 def _check_cpu(device: torch.device) -> None:
@@ -398,6 +407,7 @@ def decompress(data: bytes, model, *, progress=None) -> Decompressed:
     """Decode an archive written by :func:`compress` with the same model; every image is
     checked against its checksum and the archive's digest before anything is returned."""
     header, words = read_header(data)
+    _check_levels(model)
     check_model(header, model)
     param = next(model.parameters())
     _check_cpu(param.device)
