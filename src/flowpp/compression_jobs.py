@@ -54,7 +54,7 @@ def compress_job(
     atomic_write_bytes(target, archive)
     dims = x.size
     summary = {"archive": str(target), "images": int(len(x)), "bytes": len(archive), "bpd": 8 * len(archive) / dims}
-    print(f"wrote {target}: {len(x):,} images, {len(archive):,} bytes, {summary['bpd']:.4f} bits/dim")
+    print(f"wrote {target}: {_count(len(x))}, {len(archive):,} bytes, {summary['bpd']:.4f} bits/dim")
     return summary
 
 
@@ -77,5 +77,9 @@ def decompress_job(
         result = decompress(data, model, progress=bar)
     written = write_outputs(out, result.images, result.names, model.config.num_levels)
     what = f"{len(written):,} PNG files" if result.names is not None else str(written[0])
-    print(f"decoded {len(result.images):,} images exactly; wrote {what} in {out}")
+    print(f"decoded {_count(len(result.images))} exactly; wrote {what} in {out}")
     return written
+
+
+def _count(n: int) -> str:
+    return f"{n:,} image" + ("" if n == 1 else "s")
