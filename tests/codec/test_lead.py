@@ -20,10 +20,21 @@ def test_lead_images_come_back_exactly(channels):
 
 def test_a_lead_of_another_shape_or_damaged_bytes_is_refused():
     data = encode_lead(_images(2, 3))
-    with pytest.raises(CodecError, match="shape"):
-        decode_lead(data, 3, (3, 5, 7))
-    with pytest.raises(CodecError, match="do not decode"):
-        decode_lead(b"\xff\x0a" + bytes(10), 2, (3, 5, 7))
+    with pytest.raises(CodecError, match=r"shape \(10, 7\), expected \(15, 7\)"):
+        decode_lead(data, 3, (3, 5, 7))  # refused from the JPEG XL's own header, before decoding
+    with pytest.raises(CodecError, match="shape None"):
+        decode_lead(b"PNG" + data[3:], 2, (3, 5, 7))
+    damaged = data[:14] + bytes(b ^ 0x5A for b in data[14:])
+    with pytest.raises(CodecError, match="do not decode|decode to"):
+        decode_lead(damaged, 2, (3, 5, 7))
+
+
+@pytest.mark.parametrize("rows, columns", [(8, 8), (96, 32), (5, 7), (600, 28), (70000, 3), (64, 64), (90, 120)])
+def test_the_declared_size_is_read_from_the_codestream(rows, columns):
+    from flowpp.codec.lead import _declared_size
+
+    image = torch.randint(0, 256, (1, 1, rows, columns), generator=torch.Generator().manual_seed(rows))
+    assert _declared_size(encode_lead(image)) == (rows, columns)
 
 
 def test_the_lead_is_the_fewest_images_that_hold_the_bits_asked_for():

@@ -251,9 +251,7 @@ def _first_borrow(x: torch.Tensor, model, grid_bits: int, image_bits: int) -> fl
 def _check_levels(model) -> None:
     # Images travel as 8-bit values everywhere here: digests, the lead's JPEG XL, the output.
     if model.config.num_levels > 256:
-        raise CodecError(
-            f"compression handles images of at most 256 levels; this model has {model.config.num_levels}"
-        )
+        raise CodecError(f"compression handles images of at most 256 levels; this model has {model.config.num_levels}")
 
 
 def _check_cpu(device: torch.device) -> None:

@@ -50,10 +50,15 @@ def encode_lead(x: torch.Tensor) -> bytes:
 
 
 def decode_lead(data: bytes, count: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The ``count`` images (C, H, W) that :func:`encode_lead` coded into ``data``."""
+    """The ``count`` images (C, H, W) that :func:`encode_lead` coded into ``data``. The size
+    the JPEG XL declares is checked before it is decoded: an archive cannot make the decoder
+    allocate more than its header declares."""
     c, h, w = shape
     expected = _mosaic(torch.zeros(1, c, h, w, dtype=torch.uint8)).shape
     expected = (count * expected[0], *expected[1:])
+    declared = _declared_size(data)
+    if declared != expected[:2]:
+        raise CodecError(f"the lead images declare a JPEG XL image of shape {declared}, expected {expected[:2]}")
     try:
         m = np.asarray(_imagecodecs().jpegxl_decode(data, numthreads=1))
     except Exception as e:  # the codec's own error types differ between versions
@@ -63,6 +68,33 @@ def decode_lead(data: bytes, count: int, shape: tuple[int, int, int]) -> torch.T
     if c in (1, 3):
         m = m.reshape(count, h, w, c).transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(m.reshape(count, c, h, w))).long()
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a bare JPEG XL codestream's SizeHeader (ISO/IEC 18181-1), or None
+    when ``data`` does not start with one."""
+    if len(data) < 12 or data[:2] != b"\xff\x0a":
+        return None
+    bits = int.from_bytes(data[2:12], "little")  # read least significant bit first
+    position = 0
+
+    def take(n: int) -> int:
+        nonlocal position
+        value = (bits >> position) & ((1 << n) - 1)
+        position += n
+        return value
+
+    def dimension(small: bool) -> int:
+        if small:
+            return (take(5) + 1) * 8
+        return take((9, 13, 18, 30)[take(2)]) + 1
+
+    small = bool(take(1))
+    rows = dimension(small)
+    ratio = take(3)
+    ratios = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+    columns = dimension(small) if ratio == 0 else rows * ratios[ratio][0] // ratios[ratio][1]
+    return rows, columns
 
 
 def choose_lead(x: torch.Tensor, need_bits: float) -> tuple[int, bytes]:
