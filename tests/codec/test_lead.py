@@ -53,3 +53,14 @@ def test_small_level_counts_cost_little():
     x = _images(4, 1, 8, 8, top=17, seed=2)
     assert 8 * len(encode_lead(x)) < 6 * x.numel()
     assert torch.equal(decode_lead(encode_lead(x), 4, (1, 8, 8)), x)
+
+
+def test_a_jpeg_xl_whose_size_cannot_be_read_is_refused_when_compressing(monkeypatch):
+    """A JPEG XL writer that wraps its codestream (a container) would make archives that
+    decode_lead refuses: refused at once instead."""
+    import imagecodecs
+
+    real = imagecodecs.jpegxl_encode
+    monkeypatch.setattr(imagecodecs, "jpegxl_encode", lambda *a, **k: b"\x00\x00\x00\x0cJXL " + real(*a, **k))
+    with pytest.raises(CodecError, match="bare JPEG XL codestream"):
+        encode_lead(_images(1, 3))

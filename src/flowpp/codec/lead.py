@@ -45,8 +45,14 @@ def _mosaic(x: torch.Tensor) -> np.ndarray:
 
 
 def encode_lead(x: torch.Tensor) -> bytes:
-    """Lossless JPEG XL bytes of the images ``x`` (k, C, H, W), values 0-255."""
-    return bytes(_imagecodecs().jpegxl_encode(_mosaic(x), lossless=True, effort=_EFFORT, numthreads=1))
+    """Lossless JPEG XL bytes of the images ``x`` (k, C, H, W), values 0-255: a bare codestream
+    whose size decode_lead can check before decoding (refused here otherwise, not at decoding)."""
+    mosaic = _mosaic(x)
+    data = bytes(_imagecodecs().jpegxl_encode(mosaic, lossless=True, effort=_EFFORT, numthreads=1))
+    if _declared_size(data) != mosaic.shape[:2]:
+        raise CodecError("this imagecodecs writes JPEG XL in a form whose size flowpp cannot read; compression needs "
+                         "a bare JPEG XL codestream")  # fmt: skip
+    return data
 
 
 def decode_lead(data: bytes, count: int, shape: tuple[int, int, int]) -> torch.Tensor:
