@@ -5,8 +5,9 @@ come back when decompressing), push it through the dequantizer's layers and its 
 form y = x + u on the grid, code y through the main flow layer by layer, and encode z under the
 N(0, I) prior. Decompressing runs the same steps backwards and in reverse batch order.
 
-The first image borrows the bits its noise needs from the bottom of the stack: the seed, which
-stays in the archive (the start-up cost; see ``flowpp.codec.archive``). Later batches borrow
+The first bits-back image borrows the bits its noise needs from the bottom of the stack: the
+seed, which holds the lead images' JPEG XL bytes and stays in the archive (the start-up cost;
+see ``flowpp.codec.archive`` and ``flowpp.codec.lead``). Later batches borrow
 from what earlier images left on the stack, so a batch may hold as many images as the stack can
 lend noise to; the sizes are recorded so that decoding replays the same batches.
 """
