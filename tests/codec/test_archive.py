@@ -269,3 +269,17 @@ def test_a_batch_that_borrows_more_than_the_stack_holds_is_undone_and_coded_in_h
     data = compress(tiny_model, x, lead=False)
     assert restores and sum(read_header(data)[0]["coder"]["batches"]) == 12
     assert np.array_equal(decompress(data, tiny_model).images, x.permute(0, 2, 3, 1).numpy())
+
+
+def test_progress_counts_every_image_once_also_when_the_coder_starts_over(tiny_model, single_thread, monkeypatch):
+    from flowpp.codec import archive as archive_module
+
+    x = _images(tiny_model.config, 6, seed=5)
+    seen = []
+    compress(tiny_model, x, progress=seen.append)
+    assert sum(seen) == 6
+    monkeypatch.setattr(archive_module, "_first_borrow", lambda *a: 1.0)  # far too little: runs dry, starts over
+    seen.clear()
+    data = compress(tiny_model, x, lead=False, progress=seen.append)
+    assert sum(seen) == 6 and all(n > 0 for n in seen)
+    assert np.array_equal(decompress(data, tiny_model).images, x.permute(0, 2, 3, 1).numpy())

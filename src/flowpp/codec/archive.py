@@ -178,7 +178,21 @@ def compress(
     borrow = None if lead and n == 1 else _first_borrow(x[:1], model, grid_bits, image_bits)
     need_bits = math.inf if borrow is None else 1.1 * borrow + 256
     min_words = 0
+    reported = 0  # images reported to ``progress``: an attempt that starts over reports none twice
+
+    def report(done: int) -> None:
+        nonlocal reported
+        if progress is not None and done > reported:
+            progress(done - reported)
+            reported = done
+
     while True:
+        attempt = [0]
+
+        def attempt_progress(size: int, attempt=attempt) -> None:
+            attempt[0] += size
+            report(attempt[0])
+
         if lead and need_bits > fixed_bits:
             k, lead_data = choose_lead(x, need_bits - fixed_bits)
         else:
@@ -191,7 +205,7 @@ def compress(
         try:
             run = plan_and_encode(
                 FlowCoder(coder, grid_bits, device, dtype, image_bits), model, x[k:], max_batch=max_batch,
-                keep_noise=stats is not None, progress=progress,
+                keep_noise=stats is not None, progress=attempt_progress,
             )  # fmt: skip
         except RanDry as e:  # an image borrowed more than image 0 did: a longer lead, and start again
             need_bits = max(1.25 * need_bits, 1.25 * e.per_image + 256)
@@ -201,8 +215,7 @@ def compress(
             min_words = floor_words
             continue
         break
-    if progress is not None and k:
-        progress(k)
+    report(n)  # the lead images
     words = coder.words()
     header = {
         "format": FORMAT_VERSION,
