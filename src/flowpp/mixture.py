@@ -183,28 +183,38 @@ def mixture_inverse_logit_cdf(
     residual_tol = 8 * eps * (1.0 + v.abs())
     for it in range(max_iters):
         t = _terms(x, log_weights, means, inv_scales, log_weights_pdf)
-        g = t.log_cdf - t.log_sf - v
-        # Converged elements are frozen: a residual at the level of rounding in logit F itself
-        # (float32 cannot improve x beyond it), or x pinned to a few ulps (below).
-        done = done | (g.abs() <= residual_tol) | (g == 0)
-        log_slope = t.log_pdf - t.log_cdf - t.log_sf
-        # Shrink the bracket with the sign of g: the root stays inside.
-        lo = torch.where(g < 0, x, lo)
-        hi = torch.where(g > 0, x, hi)
-        newton_step = g * torch.exp(-log_slope)
-        newton = x - newton_step
-        use_newton = (
-            (newton >= lo) & (newton <= hi) & torch.isfinite(newton) & (2 * newton_step.abs() <= step_before.abs())
+        x, lo, hi, step, step_before, done, log_slope, _ = _safeguarded_step(
+            t, v, x, lo, hi, step, step_before, done, residual_tol, tolerance
         )
-        x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
-        step_before, step = step, x_next - x
-        # Relative tolerance, so that a root near 0 is found to full relative precision too.
-        tol = torch.clamp(4 * eps * x_next.abs() + 1e-30, min=tolerance)
-        done = done | (step.abs() <= tol) | (hi - lo <= tol)
-        x = x_next
         if (it + 1) % check_every == 0 and bool(done.all()):
             break
     return (x, log_slope) if with_log_slope else x
+
+
+def _safeguarded_step(
+    t: MixtureTerms, v: Tensor, x: Tensor, lo: Tensor, hi: Tensor, step: Tensor, step_before: Tensor,
+    done: Tensor, residual_tol: Tensor, tolerance: float,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """One iteration of :func:`mixture_inverse_logit_cdf` given the mixture's terms at ``x``:
+    (x, lo, hi, step, step_before, done, log slope at the old x, whether Newton was used)."""
+    eps = torch.finfo(x.dtype).eps
+    g = t.log_cdf - t.log_sf - v
+    # Converged elements are frozen: a residual at the level of rounding in logit F itself
+    # (float32 cannot improve x beyond it), or x pinned to a few ulps (below).
+    done = done | (g.abs() <= residual_tol) | (g == 0)
+    log_slope = t.log_pdf - t.log_cdf - t.log_sf
+    # Shrink the bracket with the sign of g: the root stays inside.
+    lo = torch.where(g < 0, x, lo)
+    hi = torch.where(g > 0, x, hi)
+    newton_step = g * torch.exp(-log_slope)
+    newton = x - newton_step
+    use_newton = (newton >= lo) & (newton <= hi) & torch.isfinite(newton) & (2 * newton_step.abs() <= step_before.abs())
+    x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
+    step_before, step = step, x_next - x
+    # Relative tolerance, so that a root near 0 is found to full relative precision too.
+    tol = torch.clamp(4 * eps * x_next.abs() + 1e-30, min=tolerance)
+    done = done | (step.abs() <= tol) | (hi - lo <= tol)
+    return x_next, lo, hi, step, step_before, done, log_slope, use_newton
 
 
 class PreparedMixture:
@@ -263,25 +273,12 @@ class PreparedMixture:
         done = torch.zeros_like(x, dtype=torch.bool)
         residual_tol = 8 * eps * (1.0 + v.abs())
         for it in range(max_iters):
-            t = _linear_terms(x, *params)
-            g = t.log_cdf - t.log_sf - v
-            done = done | (g.abs() <= residual_tol) | (g == 0)
-            log_slope = t.log_pdf - t.log_cdf - t.log_sf
-            lo = torch.where(g < 0, x, lo)
-            hi = torch.where(g > 0, x, hi)
-            newton_step = g * torch.exp(-log_slope)
-            newton = x - newton_step
-            use_newton = (
-                (newton >= lo) & (newton <= hi) & torch.isfinite(newton) & (2 * newton_step.abs() <= step_before.abs())
+            x, lo, hi, step, step_before, done, log_slope, use_newton = _safeguarded_step(
+                _linear_terms(x, *params), v, x, lo, hi, step, step_before, done, residual_tol, tolerance
             )
-            x_next = torch.where(done, x, torch.where(use_newton, newton, 0.5 * (lo + hi)))
-            step_before, step = step, x_next - x
-            tol = torch.clamp(4 * eps * x_next.abs() + 1e-30, min=tolerance)
-            done = done | (step.abs() <= tol) | (hi - lo <= tol)
             if tolerance > 0 and it > 0:
                 left = step * step / step_before.abs().clamp_min(1e-300)
                 done = done | (use_newton & (left <= tolerance) & (step.abs() < 0.5 * step_before.abs()))
-            x = x_next
             finished = int(done.sum())
             if finished == x.numel() or it == max_iters - 1:
                 out_x[index], out_slope[index] = x, log_slope
