@@ -118,9 +118,14 @@ def _pad(data: bytes) -> bytes:
     return data + bytes(-len(data) % 4)
 
 
+def _checks_words(count: int, check_bytes: int) -> int:
+    """Words of the seed's first part: the images' digest and their checksums."""
+    return -(-(32 + check_bytes * count) // 4)
+
+
 def _seed_layout_words(count: int, check_bytes: int, lead_bytes: int) -> int:
     """The fewest words a seed takes: its digest, checksums and lead, and the top word."""
-    return -(-(32 + check_bytes * count) // 4) + -(-lead_bytes // 4) + 1
+    return _checks_words(count, check_bytes) + -(-lead_bytes // 4) + 1
 
 
 def _check_bytes(count: int) -> int:
@@ -165,57 +170,14 @@ def compress(
     if not 8 <= grid_bits <= 24 or not 8 <= image_bits <= 22:
         raise CodecError(f"grid_bits must be in [8, 24] and image_bits in [8, 22], got {grid_bits} and {image_bits}")
     model.eval()
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = next(model.parameters()).device
     _check_cpu(device)
     x = x.long()
     digest, per_image = _image_digests(x)
-    n = x.shape[0]
-    check_bytes = _check_bytes(n)
-    fixed_bits = 8 * (32 + check_bytes * n)
-    # What the first bits-back image borrows, measured by coding image 0 on a generous random
-    # stack; a single image is all lead.
-    borrow = None if lead and n == 1 else _first_borrow(x[:1], model, grid_bits, image_bits)
-    need_bits = math.inf if borrow is None else 1.1 * borrow + 256
-    min_words = 0
-    reported = 0  # images reported to ``progress``: an attempt that starts over reports none twice
-
-    def report(done: int) -> None:
-        nonlocal reported
-        if progress is not None and done > reported:
-            progress(done - reported)
-            reported = done
-
-    while True:
-        attempt = [0]
-
-        def attempt_progress(size: int, attempt=attempt) -> None:
-            attempt[0] += size
-            report(attempt[0])
-
-        if lead and need_bits > fixed_bits:
-            k, lead_data = choose_lead(x, need_bits - fixed_bits)
-        else:
-            k, lead_data = 0, b""
-        seed_words = max(_seed_layout_words(n, check_bytes, len(lead_data)), min_words)
-        if k < n:
-            seed_words = max(seed_words, math.ceil(need_bits / 32) + 1)
-        seed = _seed_words(digest, per_image, check_bytes, lead_data, seed_words)
-        coder = StackCoder(seed)
-        try:
-            run = plan_and_encode(
-                FlowCoder(coder, grid_bits, device, dtype, image_bits), model, x[k:], max_batch=max_batch,
-                keep_noise=stats is not None, progress=attempt_progress,
-            )  # fmt: skip
-        except RanDry as e:  # an image borrowed more than image 0 did: a longer lead, and start again
-            need_bits = max(1.25 * need_bits, 1.25 * e.per_image + 256)
-            continue
-        floor_words = math.ceil(x.numel() * MIN_BITS_PER_DIM / 32)  # what read_header demands of any archive
-        if coder.words().size < floor_words:  # images so compressible that the check would refuse them: pad
-            min_words = floor_words
-            continue
-        break
-    report(n)  # the lead images
+    check_bytes = _check_bytes(x.shape[0])
+    k, lead_data, seed_words, coder, run, borrow = _encode_all(
+        model, x, digest, per_image, check_bytes, grid_bits, image_bits, max_batch, lead, progress, stats is not None
+    )
     words = coder.words()
     header = {
         "format": FORMAT_VERSION,
@@ -247,6 +209,56 @@ def compress(
             noise=torch.cat(run.noise) if run.noise else None,
         )  # fmt: skip
     return _pack(header, words)
+
+
+def _encode_all(model, x, digest, per_image, check_bytes, grid_bits, image_bits, max_batch, lead, progress, keep_noise):
+    """Seed the stack (checksums, then as many lead images as the first bits-back image needs)
+    and code the other images on it by bits-back; starts over with more when the stack runs
+    dry. Returns (lead images, their bytes, seed words, the coder, the bits-back run, what image
+    0 borrowed or None)."""
+    param = next(model.parameters())
+    n = x.shape[0]
+    fixed_bits = 32 * _checks_words(n, check_bytes)
+    # What the first bits-back image borrows, measured by coding image 0 on a generous random
+    # stack; a single image is all lead.
+    borrow = None if lead and n == 1 else _first_borrow(x[:1], model, grid_bits, image_bits)
+    need_bits = math.inf if borrow is None else 1.1 * borrow + 256
+    min_words = 0
+    reported = done = 0  # an attempt that starts over reports no image to ``progress`` twice
+
+    def report(size: int) -> None:
+        nonlocal reported, done
+        done += size
+        if progress is not None and done > reported:
+            progress(done - reported)
+            reported = done
+
+    while True:
+        done = 0
+        if lead and need_bits > fixed_bits:
+            k, lead_data = choose_lead(x, need_bits - fixed_bits)
+        else:
+            k, lead_data = 0, b""
+        seed_words = max(_seed_layout_words(n, check_bytes, len(lead_data)), min_words)
+        if k < n:
+            seed_words = max(seed_words, math.ceil(need_bits / 32) + 1)
+        seed = _seed_words(digest, per_image, check_bytes, lead_data, seed_words)
+        coder = StackCoder(seed)
+        try:
+            run = plan_and_encode(
+                FlowCoder(coder, grid_bits, param.device, param.dtype, image_bits), model, x[k:],
+                max_batch=max_batch, keep_noise=keep_noise, progress=report,
+            )  # fmt: skip
+        except RanDry as e:  # an image borrowed more than image 0 did: a longer lead, and start again
+            need_bits = max(1.25 * need_bits, 1.25 * e.per_image + 256)
+            continue
+        floor_words = math.ceil(x.numel() * MIN_BITS_PER_DIM / 32)  # what read_header demands of any archive
+        if coder.words().size < floor_words:  # images so compressible that the check would refuse them: pad
+            min_words = floor_words
+            continue
+        break
+    report(k)  # the lead images
+    return k, lead_data, seed_words, coder, run, borrow
 
 
 def _first_borrow(x: torch.Tensor, model, grid_bits: int, image_bits: int) -> float:
@@ -449,7 +461,7 @@ def decompress(data: bytes, model, *, progress=None) -> Decompressed:
     if left.size != int(coder_settings["seed_words"]):
         raise CodecError("decoding did not reproduce the images exactly (the stack did not unwind to its seed); "
                          "nothing was written")  # fmt: skip
-    start = 4 * -(-(32 + check_bytes * count) // 4)
+    start = 4 * _checks_words(count, check_bytes)
     lead_data = left.astype("<u4").tobytes()[start : start + lead_bytes]
     if lead_images:
         try:
