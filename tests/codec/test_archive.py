@@ -154,6 +154,50 @@ def test_headers_that_promise_more_than_the_file_holds_are_refused(tiny_model, a
         read_header(body + hashlib.sha256(body).digest())
 
 
+def _leaf_paths(node, path=()):
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaf_paths(value, (*path, key))
+    else:
+        yield path
+
+
+_REMOVE = object()
+
+
+def test_every_header_field_forged_or_removed_is_refused_in_one_line_or_decodes_exactly(tiny_model, archive):
+    """A header forged with valid digests, one field at a time: removed, or of another type or
+    an absurd size. Decoding either refuses it in one line or, where it does not read the field,
+    gives back the exact images; never another exception."""
+    x, data, _ = archive
+    header, _ = read_header(data)
+    expected = x.permute(0, 2, 3, 1).numpy()
+    wrong = [_REMOVE, None, True, -1, 0, 2**40, 1.5, "x", [], [True], [2**40], {}]
+    paths = list(_leaf_paths(header))
+    assert len(paths) > 20 and ("environment", "threads") in paths and ("coder", "batches") in paths
+    refused = 0
+    for path in paths:
+        for value in wrong:
+
+            def change(h, path=path, value=value):
+                parent = h
+                for key in path[:-1]:
+                    parent = parent[key]
+                if value is _REMOVE:
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = value
+
+            try:
+                out = decompress(_repack(data, change), tiny_model)
+            except CodecError as e:
+                assert "\n" not in str(e), (path, value)
+                refused += 1
+            else:
+                assert np.array_equal(out.images, expected), (path, value)
+    assert refused > len(paths) * len(wrong) // 2
+
+
 def test_another_model_or_environment_is_refused(tiny_model, archive, perturb):
     _, data, _ = archive
     other = flowpp.FlowPlusPlus(tiny_model.config).double()

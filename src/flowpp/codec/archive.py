@@ -62,6 +62,7 @@ MAX_HEADER_BYTES = 64 << 20
 MAX_IMAGES = 1 << 24
 MAX_PIXELS = 1 << 32  # all images together
 MIN_BITS_PER_DIM = 1.0 / 64  # a header may not promise more pixels than this many bits could hold
+MAX_THREADS = 1024  # the thread count a header may ask decoding to set
 _PREFIX = struct.Struct("<8sHI")
 
 
@@ -353,6 +354,7 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         unpacker = zlib.decompressobj(zdict=_HEADER_DICTIONARY)
         text = unpacker.decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES)
         header = json.loads(text)
+        _check_fields(header)
         body = data[_PREFIX.size + length : -32]
         declared = int(header["stack_words"])
         images = header["images"]
@@ -389,7 +391,46 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         raise CodecError("archive header's coder settings are out of range")
     if names is not None and (len(names) != count or not all(isinstance(n, str) and _safe_name(n) for n in names)):
         raise CodecError("archive header's image names are not one plain file name per image")
+    if coder["op_std"] != OP_STD:
+        raise CodecError(f"archive's Gaussians span {coder['op_std']} grid steps; this flowpp codes {OP_STD}")
+    if not 1 <= header["environment"]["threads"] <= MAX_THREADS:
+        raise CodecError(f"archive header's thread count is out of range (1 to {MAX_THREADS})")
     return header, words
+
+
+# The fields decoding reads, and their JSON types: a header forged with valid digests is refused
+# in one line here, not by an exception from deep inside decoding.
+_FIELDS = {
+    ("model", "weights_sha256"): str,
+    ("model", "config", "sha256"): str,
+    ("images", "count"): int,
+    ("images", "shape"): list,
+    ("images", "levels"): int,
+    ("images", "names"): (list, type(None)),
+    ("coder", "batches"): list,
+    ("coder", "op_std"): float,
+    **{
+        ("coder", key): int
+        for key in ("grid_bits", "image_grid_bits", "seed_words", "check_bytes", "lead_images", "lead_bytes")
+    },  # fmt: skip
+    ("stack_words",): int,
+    ("environment", "threads"): int,
+    **{("environment", key): str for key in ("flowpp", "torch", "constriction", "device", "cpu_kernels")},
+}
+
+
+def _check_fields(header) -> None:
+    """TypeError naming the first field that is missing or of another type."""
+    for path, kind in _FIELDS.items():
+        value = header
+        for key in path:
+            value = value.get(key, KeyError) if isinstance(value, dict) else KeyError
+        if value is KeyError:
+            raise TypeError(f"no {'.'.join(path)}")
+        if isinstance(value, bool) or not isinstance(value, kind):  # JSON's true is no count
+            raise TypeError(f"{'.'.join(path)} is not of the expected type")
+        if kind is list and not all(type(v) is int for v in value):
+            raise TypeError(f"{'.'.join(path)} is not a list of integers")
 
 
 def _safe_name(name: str) -> bool:
