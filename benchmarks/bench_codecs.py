@@ -264,7 +264,8 @@ def main(argv=None) -> dict:
                   f"{row['lead_bits']} bits ({row['lead_over_bound_bits']:+.0f} over their bound); the first "
                   f"bits-back image borrows {0 if borrow is None else borrow:.0f}")  # fmt: skip
             for size, a in row["archives"].items():
-                print(f"{'':20s} archive of {size:>5} images: {a['bytes']:8d} bytes, {a['bits_per_dim']:.3f} bits/dim, "
+                images = f"{size:>5} image" + ("" if int(size) == 1 else "s")
+                print(f"{'':20s} archive of {images}: {a['bytes']:8d} bytes, {a['bits_per_dim']:.3f} bits/dim, "
                       f"{a['over_bound_bits']:.0f} bits over the bound")  # fmt: skip
     print(f"best classical codec: {best}")
     if args.json:
