@@ -19,7 +19,9 @@ start-up cost (archives of the first 1 and 10 images, and of all of them), and t
 compress and decompress as a ratio to the model's log-likelihood on the same images (the
 evaluator, S = 1, same threads; passes interleaved, log-likelihood, compress, decompress,
 log-likelihood, ..., ``--repeats`` of each coder pass and one more of the log-likelihood, each
-timed by its fastest pass; every pass must give the same archive). Every archive must decode to the exact pixels.
+timed by its fastest pass; every pass must give the same archive), and the model's own
+log_prob in the coder's batch sizes against its time in full batches: the floor the networks
+alone set where the stack can only lend to small batches. Every archive must decode to the exact pixels.
 Gray images go to WebP as three equal channels (it has no gray mode), which its colour
 transforms make nearly free. Speeds are images per second on this machine, ``--threads``
 threads (1 by default; the classical codecs always run on one).
@@ -125,6 +127,27 @@ def model_bound(model, images: np.ndarray, batch_size: int, seed: int) -> float:
     return float(evaluate_bpd(model, x, samples=1, batch_size=batch_size, seed=seed)["bpd"])
 
 
+def _log_prob_in_batches(model, x, batches: list[int], batch_size: int, passes: int) -> float:
+    """The model's log_prob on the bits-back images in the coder's batch sizes over its time in
+    batches of ``batch_size`` (fastest of interleaved passes): the floor the networks alone set
+    on the coder's time where the stack only lends to small batches."""
+    import torch
+
+    def run(sizes):
+        def go():
+            with torch.no_grad():
+                start = 0
+                for size in sizes:
+                    model.log_prob(x[start : start + size], generator=torch.Generator().manual_seed(0))
+                    start += size
+
+        return _timed(go)[1]
+
+    even = [min(batch_size, len(x) - i) for i in range(0, len(x), batch_size)]
+    times = [(run(batches), run(even)) for _ in range(passes)]
+    return min(t for t, _ in times) / min(t for _, t in times)
+
+
 def _timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -168,6 +191,9 @@ def measure_flowpp(
     if not all(np.array_equal(d.images, images) for d, _ in decompress_runs):
         raise SystemExit("the flowpp archive does not decode to the images' pixels")
     lead = stats["lead_images"]  # the first images, coded by JPEG XL into the bottom of the stack
+    networks_floor = None
+    if lead < n:
+        networks_floor = _log_prob_in_batches(model, x[lead:], stats["batches"], batch_size, repeats + 1)
     coded = at_noise = None
     if lead < n:  # the bits-back images: their coded bits against the bound at the noise the coder drew
         with torch.no_grad():
@@ -202,6 +228,7 @@ def measure_flowpp(
         "encode_img_per_s": n / t_compress,
         "decode_img_per_s": n / t_decompress,
         "check_bytes_per_image": header["coder"]["check_bytes"],
+        "log_prob_in_coder_batches_vs_batch": networks_floor,
     }
     startup = {}
     for size in [s for s in startup_sizes if s < n] + [n]:
@@ -272,6 +299,10 @@ def main(argv=None) -> dict:
             print(f"{'flowpp archive':20s} {row['bits_per_dim']:7.3f} bits/dim, all counted ({overheads}); {speeds}")
             ratios = f"compress {row['compress_vs_loglik']:.2f}x, decompress {row['decompress_vs_loglik']:.2f}x"
             print(f"{'':20s} {ratios} the log-likelihood's {row['loglik_s']:.2f} s")
+            floor = row["log_prob_in_coder_batches_vs_batch"]
+            if floor is not None:
+                print(f"{'':20s} the model's log_prob in the coder's {row['batches']} batches takes "
+                      f"{floor:.2f}x its time in batches of {args.batch_size}")  # fmt: skip
             borrow = row["first_image_borrow_bits"]
             print(f"{'':20s} seed {row['seed_bits']} bits, of which a lead of {row['lead_images']} images in "
                   f"{row['lead_bits']} bits ({row['lead_over_bound_bits']:+.0f} over their bound); the first "

@@ -259,6 +259,7 @@ def test_bench_codecs_measures_every_classical_codec_and_the_models_bound(tmp_pa
     assert 0 < row["lead_images"] < 24 and row["lead_bits"] > 0  # a lead, then bits-back images
     assert set(row["archives"]) == {"1", "10", "24"} and row["archives"]["24"]["bytes"] == row["bytes"]
     assert row["compress_vs_loglik"] > 0 and row["decompress_vs_loglik"] > 0
+    assert row["log_prob_in_coder_batches_vs_batch"] > 0  # the networks' floor at the coder's batch sizes
 
 
 def test_bench_codecs_refuses_a_codec_that_does_not_give_the_pixels_back():
