@@ -63,7 +63,7 @@ def decompress_job(
 ) -> list[Path]:
     """Decode an archive with the run's model and write its images into the folder ``out``."""
     from .codec import decompress
-    from .codec.files import write_outputs
+    from .codec.files import check_outputs, write_outputs
 
     path = Path(archive)
     if not path.is_file():
@@ -72,14 +72,15 @@ def decompress_job(
     from .codec import read_header
 
     header, _ = read_header(data)  # a damaged archive is refused before the model is loaded
+    check_outputs(out, header["images"]["names"])  # and a folder that cannot take the images
     model, info, _ = load_for_command(run, device, False, which)
     with progress_bar(header["images"]["count"], progress, "decompress") as bar:
         result = decompress(data, model, progress=bar)
     written = write_outputs(out, result.images, result.names, model.config.num_levels)
-    what = f"{len(written):,} PNG files" if result.names is not None else str(written[0])
+    what = _count(len(written), "PNG file") if result.names is not None else str(written[0])
     print(f"decoded {_count(len(result.images))} exactly; wrote {what} in {out}")
     return written
 
 
-def _count(n: int) -> str:
-    return f"{n:,} image" + ("" if n == 1 else "s")
+def _count(n: int, thing: str = "image") -> str:
+    return f"{n:,} {thing}" + ("" if n == 1 else "s")

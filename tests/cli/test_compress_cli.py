@@ -42,6 +42,11 @@ def test_png_files_come_back_with_their_names_and_pixels(model_file, tiny_npz, t
     assert run("compress", "--run", model_file, *pngs, "--out", archive, "--no-progress") == 0
     assert "3 images" in capsys.readouterr().out
     assert run("decompress", archive, "--run", model_file, "--out", tmp_path / "out", "--no-progress") == 0
+    assert "wrote 3 PNG files in" in capsys.readouterr().out
+    assert run("compress", "--run", model_file, pngs[0], "--out", tmp_path / "one.fpp", "--no-progress") == 0
+    assert run("decompress", tmp_path / "one.fpp", "--run", model_file, "--out", tmp_path / "one", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert ": 1 image, " in out and "wrote 1 PNG file in" in out
     for i, img in enumerate(images):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"img{i}.png")), img)
 
@@ -58,7 +63,7 @@ def test_arrays_and_dataset_splits_come_back_as_images_npz(model_file, tiny_npz,
     assert np.array_equal(np.load(tmp_path / "o2" / "images.npz")["x"], x[:2])
 
 
-def test_nothing_is_replaced_and_a_damaged_archive_writes_nothing(model_file, tiny_npz, tmp_path, capsys):
+def test_nothing_is_replaced_and_a_damaged_archive_writes_nothing(model_file, tiny_npz, tmp_path, capsys, monkeypatch):
     np.savez(tmp_path / "in.npz", x=np.load(tiny_npz)["x_test"][:1])
     archive = tmp_path / "a.fpp"
     archive.write_bytes(b"keep me")
@@ -67,9 +72,20 @@ def test_nothing_is_replaced_and_a_damaged_archive_writes_nothing(model_file, ti
     assert run("compress", "--run", model_file, tmp_path / "in.npz", "--out", archive, "--force") == 0
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "images.npz").write_bytes(b"mine")
+    import flowpp.codec
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the output could not be written")
+
+    monkeypatch.setattr(flowpp.codec, "decompress", no_decoding)  # refused before decoding
     assert run("decompress", archive, "--run", model_file, "--out", tmp_path / "o") == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "o" / "images.npz").read_bytes() == b"mine"
+    (tmp_path / "a-file").write_bytes(b"mine too")
+    assert run("decompress", archive, "--run", model_file, "--out", tmp_path / "a-file") == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_bytes() == b"mine too"
+    monkeypatch.undo()
     data = archive.read_bytes()
     (tmp_path / "bad.fpp").write_bytes(data[:-5])
     assert run("decompress", tmp_path / "bad.fpp", "--run", model_file, "--out", tmp_path / "new") == 2

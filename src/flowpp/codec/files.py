@@ -16,7 +16,7 @@ from ..data.npz_files import NpzReader
 from ..images import to_display
 from .entropy import CodecError
 
-__all__ = ["read_inputs", "write_outputs", "NPZ_NAME"]
+__all__ = ["read_inputs", "check_outputs", "write_outputs", "NPZ_NAME"]
 
 NPZ_NAME = "images.npz"
 
@@ -93,15 +93,25 @@ def _png_levels(img: np.ndarray, levels: int, name: str) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def write_outputs(out_dir: str | os.PathLike, images: np.ndarray, names: list[str] | None, levels: int) -> list[Path]:
-    """Write decoded images into ``out_dir``: PNG files by name, or ``images.npz`` (key ``x``).
-    Refuses to replace an existing file; each file appears whole or not at all."""
+def check_outputs(out_dir: str | os.PathLike, names: list[str] | None) -> list[Path]:
+    """The files :func:`write_outputs` would write; CodecError if ``out_dir`` is not a folder or
+    one of them exists (checked before decoding too, so that nothing is decoded in vain)."""
     folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise CodecError(f"{folder} exists and is not a folder; decompress into a folder")
     targets = [folder / n for n in names] if names is not None else [folder / NPZ_NAME]
     existing = [str(t) for t in targets if t.exists()]
     if existing:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise CodecError(f"{existing[0]}{more} already exists; decompress into another folder")
+    return targets
+
+
+def write_outputs(out_dir: str | os.PathLike, images: np.ndarray, names: list[str] | None, levels: int) -> list[Path]:
+    """Write decoded images into ``out_dir``: PNG files by name, or ``images.npz`` (key ``x``).
+    Refuses to replace an existing file; each file appears whole or not at all."""
+    folder = Path(out_dir)
+    targets = check_outputs(folder, names)
     folder.mkdir(parents=True, exist_ok=True)
     if names is None:
         buf = io.BytesIO()
