@@ -12,7 +12,7 @@ import torch
 
 import flowpp
 from flowpp.codec import CodecError, compress, decompress, read_header
-from flowpp.codec.archive import FORMAT_VERSION, MAGIC, _pack
+from flowpp.codec.header import FORMAT_VERSION, MAGIC, pack
 
 
 def _images(config, n, seed=0):
@@ -25,7 +25,7 @@ def _repack(data: bytes, change) -> bytes:
     """The archive with its header changed by ``change(header)``, digests made valid again."""
     header, words = read_header(data)
     change(header)
-    return _pack(header, words)
+    return pack(header, words)
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def test_the_checksums_at_the_bottom_of_the_stack_are_checked(tiny_model, archiv
     words = words.copy()
     words[word] ^= 0x10
     with pytest.raises(CodecError, match=reason):
-        decompress(_pack(header, words), tiny_model)
+        decompress(pack(header, words), tiny_model)
 
 
 def test_a_model_of_more_than_256_levels_is_refused(tiny_config):
@@ -296,7 +296,7 @@ def test_a_damaged_lead_is_refused(tiny_model, archive):
     first_lead_word = -(-(32 + header["coder"]["check_bytes"] * 5) // 4)
     words[first_lead_word + 3] ^= 0x00FF0000
     with pytest.raises(CodecError, match="did not reproduce the images exactly"):
-        decompress(_pack(header, words), tiny_model)
+        decompress(pack(header, words), tiny_model)
 
 
 def test_a_batch_that_borrows_more_than_the_stack_holds_is_undone_and_coded_in_halves(

@@ -7,7 +7,7 @@ N(0, I) prior. Decompressing runs the same steps backwards and in reverse batch 
 
 The first bits-back image borrows the bits its noise needs from the bottom of the stack: the
 seed, which holds the lead images' JPEG XL bytes and stays in the archive (the start-up cost;
-see ``flowpp.codec.archive`` and ``flowpp.codec.lead``). Later batches borrow
+see ``flowpp.codec.seed`` and ``flowpp.codec.lead``). Later batches borrow
 from what earlier images left on the stack, so a batch may hold as many images as the stack can
 lend noise to; the sizes are recorded so that decoding replays the same batches.
 """
