@@ -135,18 +135,14 @@ def read_header(data: bytes) -> tuple[dict, np.ndarray]:
         text = unpacker.decompress(data[_PREFIX.size : _PREFIX.size + length], MAX_HEADER_BYTES)
         header = json.loads(text)
         _check_fields(header)
-        body = data[_PREFIX.size + length : -32]
-        declared = int(header["stack_words"])
-        images = header["images"]
-        count, shape, coder = int(images["count"]), [int(s) for s in images["shape"]], header["coder"]
-        batches = [int(b) for b in coder["batches"]]
-        seed_words, grid_bits = int(coder["seed_words"]), int(coder["grid_bits"])
-        image_bits = int(coder["image_grid_bits"])
-        lead_images, lead_bytes = int(coder["lead_images"]), int(coder["lead_bytes"])
-        check_bytes = int(coder["check_bytes"])
-        names = images["names"]
-    except (ValueError, KeyError, TypeError, zlib.error) as e:
+    except (ValueError, TypeError, zlib.error) as e:
         raise CodecError(f"archive header unreadable: {e}") from None
+    # Every field below is present and of its type (_check_fields).
+    body = data[_PREFIX.size + length : -32]
+    declared, images, coder = header["stack_words"], header["images"], header["coder"]
+    count, shape, names, batches = images["count"], images["shape"], images["names"], coder["batches"]
+    seed_words, grid_bits, image_bits = coder["seed_words"], coder["grid_bits"], coder["image_grid_bits"]
+    lead_images, lead_bytes, check_bytes = coder["lead_images"], coder["lead_bytes"], coder["check_bytes"]
     if len(body) != 4 * declared:
         raise CodecError(f"archive inconsistent: its stack should be {4 * declared} bytes, found {len(body)}")
     words = np.frombuffer(body, dtype="<u4").astype(np.uint32)
